@@ -1,0 +1,330 @@
+//! Owned mappings placed at aligned virtual addresses.
+//!
+//! hugetlb PMD sharing needs every process to map a region at an address congruent to the
+//! file offset modulo 1 GiB; the kernel never picks such an address by itself. [`Mapping`]
+//! reserves `len + align` bytes of address space, maps the file with `MAP_FIXED` at the
+//! first aligned address inside, and trims the rest, so nothing but the mapping remains and
+//! a plain `munmap(addr, len)` by the owner (or C code) removes it completely.
+//!
+//! Memory behind a `MAP_SHARED` mapping is written by other processes at any time. This
+//! module never creates `&`/`&mut` references into it: access goes through raw-pointer
+//! copies and volatile loads and stores.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd};
+use std::ptr;
+
+use crate::check_retval;
+
+/// Protection of a mapping (`PROT_READ`, optionally `PROT_WRITE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Protection {
+    /// `PROT_READ`.
+    ReadOnly,
+    /// `PROT_READ | PROT_WRITE`.
+    ReadWrite,
+}
+
+impl Protection {
+    fn bits(self) -> i32 {
+        match self {
+            Protection::ReadOnly => libc::PROT_READ,
+            Protection::ReadWrite => libc::PROT_READ | libc::PROT_WRITE,
+        }
+    }
+
+    /// From `PROT_*` bits; `PROT_WRITE` implies read. Anything beyond read/write/exec
+    /// is `EINVAL`; `PROT_NONE` is `EINVAL` (nothing to attach).
+    ///
+    /// # Errors
+    /// `EINVAL` for unsupported bits.
+    pub fn from_bits(prot: i32) -> io::Result<Protection> {
+        if prot & !(libc::PROT_READ | libc::PROT_WRITE) != 0 || prot == libc::PROT_NONE {
+            return Err(crate::errno(libc::EINVAL));
+        }
+        Ok(if prot & libc::PROT_WRITE != 0 {
+            Protection::ReadWrite
+        } else {
+            Protection::ReadOnly
+        })
+    }
+}
+
+/// Safe wrapper for `munmap(2)` of a range this crate handed out as a raw address.
+///
+/// # Errors
+/// `EINVAL` from the kernel for a misaligned address.
+///
+/// # Safety
+/// The caller must own `[addr, addr + len)` and no live Rust reference may point into it.
+pub unsafe fn munmap(addr: usize, len: usize) -> io::Result<()> {
+    // SAFETY: the caller owns the range (function contract).
+    check_retval(unsafe { libc::munmap(addr as *mut libc::c_void, len) })?;
+    Ok(())
+}
+
+/// A `MAP_SHARED` mapping of a file at an address aligned to a power of two, unmapped on
+/// drop (unless [`Mapping::into_raw`] hands it out).
+#[derive(Debug)]
+pub struct Mapping {
+    addr: usize,
+    len: usize,
+    prot: Protection,
+}
+
+// SAFETY: the mapping is plain memory addressed by integer; all access is through raw
+// pointers with the shared-memory rules of this module, which hold from any thread.
+unsafe impl Send for Mapping {}
+// SAFETY: as above; no method hands out references into the mapping.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    /// Maps `len` bytes of `fd` from file offset 0, `MAP_SHARED`, at an address that is a
+    /// multiple of `align` (a power of two, at least the page size).
+    ///
+    /// # Errors
+    /// `EINVAL` for a zero length, an `align` that is not a power of two or when
+    /// `len + align` overflows; `ENOMEM` when no such range of address space is free; the
+    /// kernel's errno of the file mapping (`EACCES` for `ReadWrite` on a read-only fd,
+    /// `ENOMEM` when hugetlb pages cannot be reserved, `ENODEV`, ...).
+    pub fn map_aligned(
+        fd: impl AsFd,
+        len: u64,
+        prot: Protection,
+        align: u64,
+    ) -> io::Result<Mapping> {
+        if len == 0 || !align.is_power_of_two() || align < crate::PAGE_SIZE {
+            return Err(crate::errno(libc::EINVAL));
+        }
+        let len = usize::try_from(len).map_err(|_| crate::errno(libc::EINVAL))?;
+        let align = usize::try_from(align).map_err(|_| crate::errno(libc::EINVAL))?;
+        let span = len
+            .checked_add(align)
+            .ok_or_else(|| crate::errno(libc::ENOMEM))?;
+        // SAFETY: a fresh anonymous PROT_NONE reservation at a kernel-chosen address
+        // touches no existing mapping.
+        let base = unsafe {
+            libc::mmap(
+                ptr::null_mut(),
+                span,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let base = base as usize;
+        let addr = (base + align - 1) & !(align - 1);
+        // SAFETY: [addr, addr + len) lies inside the reservation we own, so MAP_FIXED
+        // replaces only our own PROT_NONE pages.
+        let got = unsafe {
+            libc::mmap(
+                addr as *mut libc::c_void,
+                len,
+                prot.bits(),
+                libc::MAP_SHARED | libc::MAP_FIXED,
+                fd.as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if got == libc::MAP_FAILED {
+            let err = io::Error::last_os_error();
+            // SAFETY: the whole reservation is ours and nothing references it.
+            unsafe { libc::munmap(base as *mut libc::c_void, span) };
+            return Err(err);
+        }
+        // Trim the unused head and tail of the reservation.
+        // SAFETY: both ranges are parts of our own reservation outside the file mapping.
+        unsafe {
+            if addr > base {
+                libc::munmap(base as *mut libc::c_void, addr - base);
+            }
+            let end = addr + len;
+            if base + span > end {
+                libc::munmap(end as *mut libc::c_void, base + span - end);
+            }
+        }
+        Ok(Mapping { addr, len, prot })
+    }
+
+    /// Start address.
+    pub fn addr(&self) -> usize {
+        self.addr
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Always false: mappings are never empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Protection the mapping was made with.
+    pub fn protection(&self) -> Protection {
+        self.prot
+    }
+
+    /// Raw pointer to the first byte, for callers that do their own volatile access.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.addr as *mut u8
+    }
+
+    /// Faults in every page of `[offset, offset + len)` with `madvise(MADV_POPULATE_WRITE)`
+    /// (or `_READ` for read-only mappings), so the page tables exist afterwards.
+    ///
+    /// # Errors
+    /// `EINVAL` out of range; the kernel's errno (`EFAULT`, `ENOMEM`, `EINTR`) otherwise.
+    pub fn populate(&self, offset: u64, len: u64) -> io::Result<()> {
+        let (start, len) = self.range(offset, len)?;
+        let advice = match self.prot {
+            Protection::ReadWrite => libc::MADV_POPULATE_WRITE,
+            Protection::ReadOnly => libc::MADV_POPULATE_READ,
+        };
+        // SAFETY: the range lies inside our mapping; populate changes no contents.
+        check_retval(unsafe { libc::madvise(start as *mut libc::c_void, len, advice) })?;
+        Ok(())
+    }
+
+    fn range(&self, offset: u64, len: u64) -> io::Result<(usize, usize)> {
+        let end = offset
+            .checked_add(len)
+            .ok_or_else(|| crate::errno(libc::EINVAL))?;
+        if end > self.len as u64 {
+            return Err(crate::errno(libc::EINVAL));
+        }
+        Ok((self.addr + offset as usize, len as usize))
+    }
+
+    /// Copies `buf.len()` bytes at `offset` out of the mapping.
+    ///
+    /// # Errors
+    /// `EINVAL` when the range is outside the mapping.
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let (start, len) = self.range(offset, buf.len() as u64)?;
+        // SAFETY: the source range is inside our readable mapping; the copy uses raw
+        // pointers only, so no reference into shared memory exists.
+        unsafe { ptr::copy_nonoverlapping(start as *const u8, buf.as_mut_ptr(), len) };
+        Ok(())
+    }
+
+    /// Copies `data` into the mapping at `offset`.
+    ///
+    /// # Errors
+    /// `EINVAL` out of range; `EACCES` for a read-only mapping.
+    pub fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        if self.prot != Protection::ReadWrite {
+            return Err(crate::errno(libc::EACCES));
+        }
+        let (start, len) = self.range(offset, data.len() as u64)?;
+        // SAFETY: the target range is inside our writable mapping; raw-pointer copy.
+        unsafe { ptr::copy_nonoverlapping(data.as_ptr(), start as *mut u8, len) };
+        Ok(())
+    }
+
+    /// Volatile load of the `u64` at `offset` (must be 8-byte aligned).
+    ///
+    /// # Errors
+    /// `EINVAL` when out of range or misaligned.
+    pub fn load_u64(&self, offset: u64) -> io::Result<u64> {
+        let (start, _) = self.range(offset, 8)?;
+        if start % 8 != 0 {
+            return Err(crate::errno(libc::EINVAL));
+        }
+        // SAFETY: aligned, in range, readable; volatile because other processes write it.
+        Ok(unsafe { ptr::read_volatile(start as *const u64) })
+    }
+
+    /// Volatile store of `value` at `offset` (must be 8-byte aligned).
+    ///
+    /// # Errors
+    /// `EINVAL` when out of range or misaligned; `EACCES` for a read-only mapping.
+    pub fn store_u64(&self, offset: u64, value: u64) -> io::Result<()> {
+        if self.prot != Protection::ReadWrite {
+            return Err(crate::errno(libc::EACCES));
+        }
+        let (start, _) = self.range(offset, 8)?;
+        if start % 8 != 0 {
+            return Err(crate::errno(libc::EINVAL));
+        }
+        // SAFETY: aligned, in range, writable; volatile because other processes read it.
+        unsafe { ptr::write_volatile(start as *mut u64, value) };
+        Ok(())
+    }
+
+    /// Hands the mapping out: it is no longer unmapped on drop. Returns `(addr, len)`;
+    /// the caller unmaps it with `munmap(addr, len)`.
+    pub fn into_raw(self) -> (usize, usize) {
+        let r = (self.addr, self.len);
+        std::mem::forget(self);
+        r
+    }
+
+    /// Takes ownership of a mapping handed out by [`Mapping::into_raw`].
+    ///
+    /// # Safety
+    /// `(addr, len, prot)` must come from `into_raw` of a mapping that is still mapped and
+    /// owned by nobody else.
+    pub unsafe fn from_raw(addr: usize, len: usize, prot: Protection) -> Mapping {
+        Mapping { addr, len, prot }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: we own the range; no references into it exist (module rule).
+        if let Err(e) = unsafe { munmap(self.addr, self.len) } {
+            log::error!("munmap({:#x}, {}) failed: {e}", self.addr, self.len);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aligned_shared_mapping_of_a_memfd() {
+        let fd = crate::fd::memfd_create("kg-map", false).unwrap();
+        crate::fd::ftruncate(&fd, 8 << 20).unwrap();
+        let m = Mapping::map_aligned(&fd, 8 << 20, Protection::ReadWrite, crate::PUD_SIZE).unwrap();
+        assert_eq!(m.addr() as u64 % crate::PUD_SIZE, 0);
+        m.populate(0, 8 << 20).unwrap();
+        m.store_u64(4096, 0xfeed).unwrap();
+        assert_eq!(m.load_u64(4096).unwrap(), 0xfeed);
+        let mut buf = [0u8; 8];
+        crate::fd::pread_full(&fd, &mut buf, 4096).unwrap();
+        assert_eq!(u64::from_ne_bytes(buf), 0xfeed);
+        m.write_at(100, b"hello").unwrap();
+        let mut out = [0u8; 5];
+        m.read_at(100, &mut out).unwrap();
+        assert_eq!(&out, b"hello");
+        assert!(m.read_at(8 << 20, &mut out).is_err());
+        assert!(m.store_u64(3, 1).is_err());
+        // The trimmed reservation leaves exactly one VMA of the mapping's size.
+        let pid = std::process::id();
+        let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+        let start = format!("{:x}-{:x} ", m.addr(), m.addr() + m.len());
+        assert!(maps.contains(&start), "{start} not in maps");
+    }
+
+    #[test]
+    fn bad_arguments() {
+        let fd = crate::fd::memfd_create("kg-map", false).unwrap();
+        crate::fd::ftruncate(&fd, 1 << 20).unwrap();
+        for (len, align) in [(0, 4096), (4096, 3), (u64::MAX, crate::PUD_SIZE)] {
+            let e = Mapping::map_aligned(&fd, len, Protection::ReadOnly, align).unwrap_err();
+            assert!(matches!(
+                e.raw_os_error(),
+                Some(libc::EINVAL | libc::ENOMEM)
+            ));
+        }
+        assert!(Protection::from_bits(libc::PROT_EXEC).is_err());
+        assert!(Protection::from_bits(libc::PROT_NONE).is_err());
+    }
+}

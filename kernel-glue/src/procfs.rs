@@ -1,0 +1,282 @@
+//! Measurement from the kernel: `/proc/meminfo`, `/proc/PID/status`, `/proc/PID/smaps`,
+//! `/proc/*/maps`, PSI and `getrusage`.
+
+use std::io;
+use std::mem::MaybeUninit;
+
+use crate::check_retval;
+
+/// The `/proc/meminfo` fields msharefs reports, in bytes (pages for `HugePages_*`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MemInfo {
+    /// `PageTables`: bytes of page-table pages system-wide.
+    pub page_tables: u64,
+    /// `HugePages_Total`.
+    pub huge_total: u64,
+    /// `HugePages_Free`.
+    pub huge_free: u64,
+    /// `HugePages_Rsvd`.
+    pub huge_rsvd: u64,
+    /// `HugePages_Surp`.
+    pub huge_surp: u64,
+    /// `MemAvailable` in bytes.
+    pub mem_available: u64,
+}
+
+fn field_kb(text: &str, key: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        let rest = l.strip_prefix(key)?.strip_prefix(':')?;
+        rest.split_whitespace().next()?.parse().ok()
+    })
+}
+
+/// Reads `/proc/meminfo`.
+///
+/// # Errors
+/// Reading the file; `EIO` when a field is missing.
+pub fn meminfo() -> io::Result<MemInfo> {
+    let t = std::fs::read_to_string("/proc/meminfo")?;
+    let f = |k| field_kb(&t, k).ok_or_else(|| crate::errno(libc::EIO));
+    Ok(MemInfo {
+        page_tables: f("PageTables")? * 1024,
+        huge_total: f("HugePages_Total")?,
+        huge_free: f("HugePages_Free")?,
+        huge_rsvd: f("HugePages_Rsvd")?,
+        huge_surp: f("HugePages_Surp")?,
+        mem_available: f("MemAvailable")? * 1024,
+    })
+}
+
+/// `VmPTE` of a process in bytes (page tables it owns, shared PMD pages included once per
+/// sharer by the kernel's accounting of its own tables only).
+///
+/// # Errors
+/// `ENOENT` for a gone process; `EIO` when the field is missing.
+pub fn vm_pte(pid: u32) -> io::Result<u64> {
+    let t = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    field_kb(&t, "VmPTE")
+        .map(|kb| kb * 1024)
+        .ok_or_else(|| crate::errno(libc::EIO))
+}
+
+/// The `KernelPageSize` in bytes of the VMA of `pid` that contains `addr`.
+///
+/// # Errors
+/// `ENOENT` when no VMA contains `addr` or the process is gone.
+pub fn kernel_page_size(pid: u32, addr: usize) -> io::Result<u64> {
+    let t = std::fs::read_to_string(format!("/proc/{pid}/smaps"))?;
+    let mut inside = false;
+    for line in t.lines() {
+        if let Some((range, _)) = line.split_once(' ') {
+            if let Some((a, b)) = range.split_once('-') {
+                if let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
+                {
+                    inside = a <= addr && addr < b;
+                    continue;
+                }
+            }
+        }
+        if inside {
+            if let Some(kb) = field_kb(line, "KernelPageSize") {
+                return Ok(kb * 1024);
+            }
+        }
+    }
+    Err(crate::errno(libc::ENOENT))
+}
+
+/// One VMA of `/proc/PID/maps`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MapsEntry {
+    /// Start address.
+    pub start: usize,
+    /// End address (exclusive).
+    pub end: usize,
+    /// Permission string (`rw-s`).
+    pub perms: String,
+    /// Device as `makedev(major, minor)`.
+    pub dev: u64,
+    /// Inode.
+    pub ino: u64,
+    /// Path, if any.
+    pub path: String,
+}
+
+fn parse_maps_line(line: &str) -> Option<MapsEntry> {
+    let mut it = line.split_ascii_whitespace();
+    let (a, b) = it.next()?.split_once('-')?;
+    let perms = it.next()?.to_string();
+    let _off = it.next()?;
+    let (maj, min) = it.next()?.split_once(':')?;
+    let ino = it.next()?.parse().ok()?;
+    let path = it.collect::<Vec<_>>().join(" ");
+    let maj = u32::from_str_radix(maj, 16).ok()?;
+    let min = u32::from_str_radix(min, 16).ok()?;
+    Some(MapsEntry {
+        start: usize::from_str_radix(a, 16).ok()?,
+        end: usize::from_str_radix(b, 16).ok()?,
+        perms,
+        dev: libc::makedev(maj, min),
+        ino,
+        path,
+    })
+}
+
+/// The VMAs of a process.
+///
+/// # Errors
+/// `ENOENT` for a gone process.
+pub fn maps(pid: u32) -> io::Result<Vec<MapsEntry>> {
+    let t = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
+    Ok(t.lines().filter_map(parse_maps_line).collect())
+}
+
+/// Every process (pid, command name) that maps any of the files `(dev, ino)` in `files`,
+/// with the number of bytes it maps. Processes that vanish during the scan are skipped.
+///
+/// # Errors
+/// Reading `/proc`.
+pub fn mappers_of(files: &[(u64, u64)]) -> io::Result<Vec<Mapper>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc")? {
+        let Ok(entry) = entry else { continue };
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(vmas) = maps(pid) else { continue };
+        let bytes: u64 = vmas
+            .iter()
+            .filter(|v| files.contains(&(v.dev, v.ino)))
+            .map(|v| (v.end - v.start) as u64)
+            .sum();
+        if bytes > 0 {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .map(|s| s.trim_end().to_string())
+                .unwrap_or_default();
+            out.push(Mapper { pid, comm, bytes });
+        }
+    }
+    Ok(out)
+}
+
+/// A process that maps a file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mapper {
+    /// Process id.
+    pub pid: u32,
+    /// `/proc/PID/comm`.
+    pub comm: String,
+    /// Bytes of the file it maps.
+    pub bytes: u64,
+}
+
+/// Memory pressure from `/proc/pressure/memory` (percent of time stalled).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Pressure {
+    /// `some avg10`.
+    pub some_avg10: f64,
+    /// `full avg10`.
+    pub full_avg10: f64,
+}
+
+/// Reads `/proc/pressure/memory`.
+///
+/// # Errors
+/// Reading the file (`ENOENT` without PSI); `EIO` when it cannot be parsed.
+pub fn memory_pressure() -> io::Result<Pressure> {
+    let t = std::fs::read_to_string("/proc/pressure/memory")?;
+    let avg10 = |kind: &str| -> Option<f64> {
+        let line = t.lines().find(|l| l.starts_with(kind))?;
+        let v = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("avg10="))?;
+        v.parse().ok()
+    };
+    Ok(Pressure {
+        some_avg10: avg10("some").ok_or_else(|| crate::errno(libc::EIO))?,
+        full_avg10: avg10("full").ok_or_else(|| crate::errno(libc::EIO))?,
+    })
+}
+
+/// Fault counts of the calling process from `getrusage(RUSAGE_SELF)`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Faults {
+    /// Minor faults (`ru_minflt`).
+    pub minor: u64,
+    /// Major faults (`ru_majflt`).
+    pub major: u64,
+}
+
+/// Safe wrapper for `getrusage(RUSAGE_SELF)`, returning the fault counts.
+///
+/// # Errors
+/// The kernel's errno.
+pub fn faults() -> io::Result<Faults> {
+    let mut ru = MaybeUninit::<libc::rusage>::uninit();
+    // SAFETY: valid out-pointer for one `struct rusage`.
+    check_retval(unsafe { libc::getrusage(libc::RUSAGE_SELF, ru.as_mut_ptr()) })?;
+    // SAFETY: getrusage succeeded, so it filled `ru`.
+    let ru = unsafe { ru.assume_init() };
+    Ok(Faults {
+        minor: ru.ru_minflt as u64,
+        major: ru.ru_majflt as u64,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_this_process() {
+        let me = std::process::id();
+        let mi = meminfo().unwrap();
+        assert!(mi.page_tables > 0);
+        assert!(vm_pte(me).unwrap() > 0);
+        let x = Box::new(5u64);
+        assert_eq!(
+            kernel_page_size(me, &*x as *const u64 as usize).unwrap(),
+            4096
+        );
+        assert!(kernel_page_size(me, 0).is_err());
+        memory_pressure().unwrap();
+        let f0 = faults().unwrap();
+        let v = vec![1u8; 64 << 20];
+        let f1 = faults().unwrap();
+        assert!(f1.minor > f0.minor, "{f0:?} {f1:?} {}", v[100]);
+    }
+
+    #[test]
+    fn maps_finds_a_mapped_memfd() {
+        let fd = crate::fd::memfd_create("kg-maps", false).unwrap();
+        crate::fd::ftruncate(&fd, 1 << 20).unwrap();
+        let st = crate::fd::fstat(&fd).unwrap();
+        let m = crate::mapping::Mapping::map_aligned(
+            &fd,
+            1 << 20,
+            crate::mapping::Protection::ReadOnly,
+            4096,
+        )
+        .unwrap();
+        let found = mappers_of(&[(st.dev, st.ino)]).unwrap();
+        let me = found.iter().find(|p| p.pid == std::process::id()).unwrap();
+        assert_eq!(me.bytes, 1 << 20);
+        drop(m);
+        let found = mappers_of(&[(st.dev, st.ino)]).unwrap();
+        assert!(found.iter().all(|p| p.pid != std::process::id()));
+    }
+
+    #[test]
+    fn parses_a_maps_line() {
+        let e = parse_maps_line("7f0000000000-7f0040000000 rw-s 00000000 00:2d 12345   /run/x y/z")
+            .unwrap();
+        assert_eq!(e.start, 0x7f00_0000_0000);
+        assert_eq!(e.ino, 12345);
+        assert_eq!(e.dev, libc::makedev(0, 0x2d));
+        assert_eq!(e.path, "/run/x y/z");
+    }
+}

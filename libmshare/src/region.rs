@@ -1,0 +1,334 @@
+//! The Rust API: create or open a region, attach it at a granule-aligned address, detach.
+//!
+//! A region is a file on an msharefs mount (or, without the daemon, a file on a hugetlbfs
+//! mount: the "direct" mode the foundation tests use). The data flow of an attach:
+//!
+//! 1. [`Region::attach`] asks the region for a descriptor of its data: for hugetlb regions
+//!    on msharefs, the backing file, obtained from the daemon's attach socket by passing
+//!    our msharefs descriptor (see [`crate::uapi`]); for thp and shmem regions, the
+//!    msharefs file itself (FUSE passthrough to the backing); in direct mode, the file.
+//! 2. `kernel_glue::mapping::Mapping::map_aligned` maps it `MAP_SHARED` at a 1 GiB-aligned
+//!    address, so every attacher's PMD tables line up with the daemon's host mapping and
+//!    the kernel shares them (hugetlb PMD sharing).
+
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+
+use kernel_glue::errnos::*;
+use kernel_glue::mapping::{Mapping, Protection};
+use kernel_glue::{consts, fd as kfd, socket};
+
+use crate::uapi;
+
+/// Where a region's data lives; see the README's backing table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Backing {
+    /// The mount's default.
+    Default,
+    /// 2 MiB hugetlb pages with shared page tables.
+    Hugetlb,
+    /// 2 MiB transparent huge pages (tmpfs `huge=always`).
+    Thp,
+    /// 4 KiB shmem pages.
+    Shmem,
+}
+
+impl Backing {
+    /// From the uAPI / C value (`MSHARE_BACKING_*`).
+    ///
+    /// # Errors
+    /// `EINVAL` for an unknown value.
+    pub fn from_raw(v: u32) -> io::Result<Backing> {
+        Ok(match v {
+            uapi::BACKING_DEFAULT => Backing::Default,
+            uapi::BACKING_HUGETLB => Backing::Hugetlb,
+            uapi::BACKING_THP => Backing::Thp,
+            uapi::BACKING_SHMEM => Backing::Shmem,
+            _ => return Err(kernel_glue::errno(EINVAL)),
+        })
+    }
+
+    /// The uAPI / C value.
+    pub fn raw(self) -> u32 {
+        match self {
+            Backing::Default => uapi::BACKING_DEFAULT,
+            Backing::Hugetlb => uapi::BACKING_HUGETLB,
+            Backing::Thp => uapi::BACKING_THP,
+            Backing::Shmem => uapi::BACKING_SHMEM,
+        }
+    }
+
+    /// The name used by the `user.mshare.backing` xattr and the CLI.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backing::Default => "default",
+            Backing::Hugetlb => "hugetlb",
+            Backing::Thp => "thp",
+            Backing::Shmem => "shmem",
+        }
+    }
+
+    /// Parses a name as written by [`Backing::name`].
+    pub fn from_name(s: &str) -> Option<Backing> {
+        Some(match s {
+            "default" => Backing::Default,
+            "hugetlb" => Backing::Hugetlb,
+            "thp" => Backing::Thp,
+            "shmem" => Backing::Shmem,
+            _ => return None,
+        })
+    }
+
+    /// Page size of the backing.
+    pub fn page_size(self) -> u64 {
+        match self {
+            Backing::Hugetlb => kernel_glue::HUGE_PAGE_SIZE,
+            _ => kernel_glue::PAGE_SIZE,
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Kind {
+    /// A file on a hugetlbfs mount, used without the daemon.
+    Direct,
+    /// A region file on msharefs; attach socket of its daemon.
+    Msharefs { socket: PathBuf },
+}
+
+/// An open region. Dropping it closes the descriptor; attachments stay valid.
+#[derive(Debug)]
+pub struct Region {
+    fd: OwnedFd,
+    size: u64,
+    backing: Backing,
+    writable: bool,
+    kind: Kind,
+}
+
+fn info(fd: impl AsFd) -> io::Result<uapi::MshareRegionInfo> {
+    let mut info = uapi::MshareRegionInfo::default();
+    kfd::ioctl_ptr(fd, uapi::MSHAREFS_GET_INFO, &mut info).map_err(|e| {
+        // Another FUSE file system: not ours.
+        if e.raw_os_error() == Some(ENOTTY) || e.raw_os_error() == Some(ENOSYS) {
+            kernel_glue::errno(ENODEV)
+        } else {
+            e
+        }
+    })?;
+    Ok(info)
+}
+
+fn socket_path(info: &uapi::MshareRegionInfo) -> PathBuf {
+    let end = info.socket_path.iter().position(|&b| b == 0).unwrap_or(0);
+    PathBuf::from(String::from_utf8_lossy(&info.socket_path[..end]).into_owned())
+}
+
+impl Region {
+    /// Creates a region with `O_EXCL` semantics, sets its size (reserving its memory) and
+    /// returns it open read-write. On any failure the new file is removed again.
+    ///
+    /// # Errors
+    /// `EINVAL` for a zero size or one that is not a multiple of the backing's page size;
+    /// `EEXIST` when the path exists; `ENOMEM`/`ENOSPC` when the memory cannot be had;
+    /// `ENODEV` when `path` is not on msharefs or hugetlbfs; any open errno.
+    pub fn create(path: &Path, size: u64, mode: u32, backing: Backing) -> io::Result<Region> {
+        if size == 0 || size % backing.page_size() != 0 || mode & !0o7777 != 0 {
+            return Err(kernel_glue::errno(EINVAL));
+        }
+        let dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let fs = kfd::statfs(&dir)?;
+        let direct = match fs.fs_type {
+            kernel_glue::HUGETLBFS_MAGIC => true,
+            kernel_glue::FUSE_SUPER_MAGIC => false,
+            _ => return Err(kernel_glue::errno(ENODEV)),
+        };
+        if direct && !matches!(backing, Backing::Default | Backing::Hugetlb) {
+            return Err(kernel_glue::errno(EINVAL));
+        }
+        if direct && size % kernel_glue::HUGE_PAGE_SIZE != 0 {
+            return Err(kernel_glue::errno(EINVAL));
+        }
+        let fd = kfd::open(
+            path,
+            consts::O_RDWR | consts::O_CREAT | consts::O_EXCL,
+            mode,
+        )?;
+        let undo = |e: io::Error| {
+            let _ = std::fs::remove_file(path);
+            e
+        };
+        if direct {
+            // Reserve and allocate every huge page now: a short pool fails here, never
+            // as a SIGBUS in an attacher later.
+            kfd::fallocate(&fd, 0, size).map_err(undo)?;
+            return Ok(Region {
+                fd,
+                size,
+                backing: Backing::Hugetlb,
+                writable: true,
+                kind: Kind::Direct,
+            });
+        }
+        info(&fd).map_err(undo)?;
+        if backing != Backing::Default {
+            kfd::setxattr(path, uapi::BACKING_XATTR, backing.name().as_bytes(), 0).map_err(undo)?;
+        }
+        kfd::ftruncate(&fd, size).map_err(undo)?;
+        Self::from_msharefs_fd(fd, true).map_err(undo)
+    }
+
+    /// Opens an existing region; `oflags` access mode is `O_RDONLY` or `O_RDWR`.
+    ///
+    /// # Errors
+    /// `EINVAL` for another access mode or extra flags; `ENODEV` when the file is not a
+    /// region; any open errno (`ENOENT`, `EACCES`, ...).
+    pub fn open(path: &Path, oflags: i32) -> io::Result<Region> {
+        let acc = oflags & consts::O_ACCMODE;
+        if oflags & !(consts::O_ACCMODE) != 0 || !(acc == consts::O_RDONLY || acc == consts::O_RDWR)
+        {
+            return Err(kernel_glue::errno(EINVAL));
+        }
+        let fd = kfd::open(path, oflags, 0)?;
+        let writable = acc == consts::O_RDWR;
+        match kfd::fstatfs(&fd)?.fs_type {
+            kernel_glue::HUGETLBFS_MAGIC => {
+                let size = kfd::fstat(&fd)?.size;
+                Ok(Region {
+                    fd,
+                    size,
+                    backing: Backing::Hugetlb,
+                    writable,
+                    kind: Kind::Direct,
+                })
+            }
+            kernel_glue::FUSE_SUPER_MAGIC => Self::from_msharefs_fd(fd, writable),
+            _ => Err(kernel_glue::errno(ENODEV)),
+        }
+    }
+
+    fn from_msharefs_fd(fd: OwnedFd, writable: bool) -> io::Result<Region> {
+        let info = info(&fd)?;
+        Ok(Region {
+            size: info.size,
+            backing: Backing::from_raw(info.backing)?,
+            writable,
+            kind: Kind::Msharefs {
+                socket: socket_path(&info),
+            },
+            fd,
+        })
+    }
+
+    /// Region size in bytes (0 while its size is unset).
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The region's backing.
+    pub fn backing(&self) -> Backing {
+        self.backing
+    }
+
+    /// Whether the region was opened for writing.
+    pub fn writable(&self) -> bool {
+        self.writable
+    }
+
+    /// The open descriptor of the region file.
+    pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    /// Maps the whole region at a 1 GiB-aligned address with protection `prot`.
+    ///
+    /// # Errors
+    /// `EINVAL` for a region whose size is unset or a bad `prot`; `EACCES` for
+    /// `ReadWrite` on a read-only region; `ENOMEM` when no aligned address range is free;
+    /// the daemon's errno when it refuses the backing.
+    pub fn attach(&self, prot: Protection) -> io::Result<Attachment> {
+        if self.size == 0 {
+            return Err(kernel_glue::errno(EINVAL));
+        }
+        if prot == Protection::ReadWrite && !self.writable {
+            return Err(kernel_glue::errno(EACCES));
+        }
+        let mapping = match (&self.kind, self.backing) {
+            (Kind::Msharefs { socket }, Backing::Hugetlb) => {
+                let backing = request_backing(socket, &self.fd, prot)?;
+                Mapping::map_aligned(&backing, self.size, prot, uapi::MSHARE_GRANULE)?
+            }
+            _ => Mapping::map_aligned(&self.fd, self.size, prot, uapi::MSHARE_GRANULE)?,
+        };
+        Ok(Attachment { mapping })
+    }
+}
+
+/// Asks the daemon for the backing of the region open as `region_fd`.
+fn request_backing(socket: &Path, region_fd: &OwnedFd, prot: Protection) -> io::Result<OwnedFd> {
+    let stream = UnixStream::connect(socket)?;
+    let req = match prot {
+        Protection::ReadWrite => uapi::ATTACH_WRITE,
+        Protection::ReadOnly => uapi::ATTACH_READ,
+    };
+    socket::send_with_fd(&stream, &[req], Some(region_fd))?;
+    let mut reply = [0u8; uapi::ATTACH_REPLY_LEN];
+    let (n, fd) = socket::recv_with_fd(&stream, &mut reply)?;
+    if n != uapi::ATTACH_REPLY_LEN {
+        return Err(kernel_glue::errno(EIO));
+    }
+    match (i32::from_ne_bytes(reply), fd) {
+        (0, Some(fd)) => Ok(fd),
+        (0, None) => Err(kernel_glue::errno(EIO)),
+        (e, _) => Err(kernel_glue::errno(e)),
+    }
+}
+
+/// One attachment of a region: a granule-aligned shared mapping, unmapped on drop.
+///
+/// The memory is shared with other processes: access it through raw pointers
+/// ([`Attachment::as_ptr`]) or the volatile accessors, never through `&`/`&mut`.
+#[derive(Debug)]
+pub struct Attachment {
+    mapping: Mapping,
+}
+
+impl Attachment {
+    /// Start address (a multiple of 1 GiB).
+    pub fn addr(&self) -> usize {
+        self.mapping.addr()
+    }
+
+    /// Length in bytes: the region size.
+    pub fn len(&self) -> usize {
+        self.mapping.len()
+    }
+
+    /// Always false.
+    pub fn is_empty(&self) -> bool {
+        self.mapping.is_empty()
+    }
+
+    /// Raw pointer to the first byte.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.mapping.as_ptr()
+    }
+
+    /// The underlying mapping (volatile accessors, populate).
+    pub fn mapping(&self) -> &Mapping {
+        &self.mapping
+    }
+
+    /// Detaches now (the same as dropping it).
+    pub fn detach(self) {}
+
+    /// Hands the mapping out as `(addr, len)`; it stays mapped until `munmap(addr, len)`.
+    pub fn into_raw(self) -> (usize, usize) {
+        self.mapping.into_raw()
+    }
+}
