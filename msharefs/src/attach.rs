@@ -1,0 +1,119 @@
+//! The attach socket: how a client gets the backing of a hugetlb region.
+//!
+//! The client sends one request byte with its open msharefs descriptor attached. That
+//! descriptor is the proof of access: the kernel checked the msharefs file's mode,
+//! owner and directories when the client opened it. The daemon checks the descriptor is
+//! a region of this mount (device and inode) and its access mode, then answers with the
+//! backing file opened read-only or read-write, never with more access than the
+//! descriptor has. The socket itself is world-connectable; it grants nothing without
+//! such a descriptor.
+//!
+//! Root may also ask for the statistics report (`msharefs stat`).
+
+use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::Arc;
+
+use kernel_glue::errnos::*;
+use kernel_glue::mapping::Protection;
+use kernel_glue::{consts, fd as kfd, socket};
+use mshare::uapi;
+
+use crate::fs::{Core, FsResult, errno_of};
+
+/// Request byte for the statistics report (root only); the reply is JSON until EOF.
+pub const STAT_REQUEST: u8 = b's';
+
+/// Binds the socket (replacing a stale one) and serves it on a background thread.
+///
+/// # Errors
+/// Binding or setting the socket's mode.
+pub fn serve(core: Arc<Core>, path: &Path) -> std::io::Result<()> {
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o666))?;
+    std::thread::Builder::new()
+        .name("attach".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                match conn {
+                    Ok(stream) => {
+                        let core = core.clone();
+                        // One thread per request: a slow client cannot stall others.
+                        let _ = std::thread::Builder::new()
+                            .name("attach-req".into())
+                            .spawn(move || handle(&core, stream));
+                    }
+                    Err(e) => log::warn!("attach socket accept: {e}"),
+                }
+            }
+        })?;
+    Ok(())
+}
+
+fn handle(core: &Core, stream: UnixStream) {
+    let mut req = [0u8; 1];
+    let (n, fd) = match socket::recv_with_fd(&stream, &mut req) {
+        Ok(x) => x,
+        Err(e) => {
+            log::debug!("attach socket receive: {e}");
+            return;
+        }
+    };
+    if n == 1 && req[0] == STAT_REQUEST {
+        return stat_reply(core, stream);
+    }
+    let result = if n != 1 {
+        Err(EINVAL)
+    } else {
+        match (req[0], fd) {
+            (uapi::ATTACH_WRITE, Some(fd)) => attach(core, &fd, Protection::ReadWrite),
+            (uapi::ATTACH_READ, Some(fd)) => attach(core, &fd, Protection::ReadOnly),
+            (_, None) => Err(EBADF),
+            _ => Err(EINVAL),
+        }
+    };
+    let sent = match result {
+        Ok(backing) => socket::send_with_fd(&stream, &0i32.to_ne_bytes(), Some(&backing)),
+        Err(e) => socket::send_with_fd(&stream, &e.to_ne_bytes(), None::<&OwnedFd>),
+    };
+    if let Err(e) = sent {
+        log::debug!("attach socket reply: {e}");
+    }
+}
+
+fn attach(core: &Core, fd: &OwnedFd, prot: Protection) -> FsResult<OwnedFd> {
+    let st = kfd::fstat(fd).map_err(|e| errno_of(&e))?;
+    if Some(&st.dev) != core.fuse_dev.get() {
+        // Not a file of this mount (or of an earlier, dead connection).
+        return Err(EBADF);
+    }
+    let acc = kfd::fcntl_getfl(fd).map_err(|e| errno_of(&e))? & consts::O_ACCMODE;
+    core.attach_backing(st.ino, acc, prot)
+}
+
+fn stat_reply(core: &Core, mut stream: UnixStream) {
+    let root = socket::peer_cred(&stream)
+        .map(|c| c.uid == 0)
+        .unwrap_or(false);
+    let body = if root {
+        serde_json::to_vec(&crate::stats::report(core)).unwrap_or_default()
+    } else {
+        br#"{"error":"permission denied: msharefs stat needs root"}"#.to_vec()
+    };
+    let _ = stream.write_all(&body);
+}
+
+/// Client side of the statistics request (used by `msharefs stat`).
+///
+/// # Errors
+/// Connecting, sending or reading.
+pub fn request_stats(path: &Path) -> std::io::Result<String> {
+    let mut stream = UnixStream::connect(path)?;
+    socket::send_with_fd(&stream, &[STAT_REQUEST], None::<&OwnedFd>)?;
+    let mut s = String::new();
+    stream.read_to_string(&mut s)?;
+    Ok(s)
+}

@@ -1,0 +1,215 @@
+//! Backing stores: the daemon's own hugetlbfs and tmpfs mounts under the state directory,
+//! and the backing file of each region on them.
+//!
+//! Layout: `STATE/backing/{hugetlb,thp,shmem}/INO`. `STATE/backing` is mode 0700, so no
+//! one but root reaches a backing file by path; clients get descriptors from the daemon
+//! (FUSE passthrough or the attach socket) only after the kernel has checked their access
+//! to the msharefs file. Backing files still carry their region's mode and owner.
+//!
+//! The mounts are kept when the daemon exits: they hold the region data, which must
+//! survive a daemon restart or crash.
+
+use std::io;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+
+use kernel_glue::errnos::*;
+use kernel_glue::mapping::{Mapping, Protection};
+use kernel_glue::mount::InstanceMount;
+use kernel_glue::{consts, fd as kfd, hugepages};
+
+use crate::state::Store;
+
+/// The three stores of one state directory.
+#[derive(Debug)]
+pub struct Stores {
+    root: PathBuf,
+    hugetlb: bool,
+}
+
+/// All stores, for iteration.
+pub const ALL_STORES: [Store; 3] = [Store::Hugetlb, Store::Thp, Store::Shmem];
+
+fn store_dir(root: &Path, s: Store) -> PathBuf {
+    root.join(s.name())
+}
+
+/// Mounts the store `s` at `dir` unless something of the right type is already there
+/// (left by an earlier daemon, with region data in it).
+fn ensure_mounted(dir: &Path, s: Store) -> io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let want = match s {
+        Store::Hugetlb => "hugetlbfs",
+        Store::Thp | Store::Shmem => "tmpfs",
+    };
+    if let Some(m) = kernel_glue::mount::mount_at(dir)? {
+        if m.fstype == want {
+            return Ok(());
+        }
+        return Err(io::Error::other(format!(
+            "{} is already a {} mount, not {want}",
+            dir.display(),
+            m.fstype
+        )));
+    }
+    // tmpfs is limited to 80% of RAM: a region that does not fit fails with ENOSPC when its
+    // size is set instead of pushing the machine into the OOM killer later.
+    let mount = match s {
+        Store::Hugetlb => InstanceMount::hugetlbfs(dir, 0o700)?,
+        Store::Thp => InstanceMount::tmpfs(dir, "always", "80%", 0o700)?,
+        Store::Shmem => InstanceMount::tmpfs(dir, "never", "80%", 0o700)?,
+    };
+    mount.keep();
+    Ok(())
+}
+
+impl Stores {
+    /// Sets up `STATE/backing` and mounts the stores (hugetlbfs only when `hugetlb`).
+    ///
+    /// # Errors
+    /// Creating directories or mounting.
+    pub fn open(state_dir: &Path, hugetlb: bool) -> io::Result<Stores> {
+        let root = state_dir.join("backing");
+        std::fs::create_dir_all(&root)?;
+        std::fs::set_permissions(&root, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+        for s in ALL_STORES {
+            if s == Store::Hugetlb && !hugetlb {
+                continue;
+            }
+            ensure_mounted(&store_dir(&root, s), s)?;
+        }
+        Ok(Stores { root, hugetlb })
+    }
+
+    /// The mount point of a store.
+    pub fn dir(&self, s: Store) -> PathBuf {
+        store_dir(&self.root, s)
+    }
+
+    /// Path of a region's backing file.
+    pub fn path(&self, s: Store, ino: u64) -> PathBuf {
+        self.dir(s).join(ino.to_string())
+    }
+
+    /// Creates an empty backing file with the region's mode and owner.
+    ///
+    /// # Errors
+    /// `ENODEV` for hugetlb without hugetlbfs; file creation errors.
+    pub fn create(&self, s: Store, ino: u64, mode: u32, uid: u32, gid: u32) -> io::Result<()> {
+        if s == Store::Hugetlb && !self.hugetlb {
+            return Err(kernel_glue::errno(ENODEV));
+        }
+        let fd = kfd::open(
+            &self.path(s, ino),
+            consts::O_RDWR | consts::O_CREAT | consts::O_EXCL,
+            mode & 0o7777,
+        )?;
+        kfd::fchmod(&fd, mode & 0o7777)?;
+        kfd::fchown(&fd, uid, gid)
+    }
+
+    /// Opens a backing file read-write or read-only.
+    ///
+    /// # Errors
+    /// Open errors (`ENOENT` when missing).
+    pub fn open_file(&self, s: Store, ino: u64, write: bool) -> io::Result<OwnedFd> {
+        let flags = if write {
+            consts::O_RDWR
+        } else {
+            consts::O_RDONLY
+        };
+        kfd::open(&self.path(s, ino), flags, 0)
+    }
+
+    /// Mirrors a region's mode and owner onto its backing file.
+    ///
+    /// # Errors
+    /// Open, chmod or chown errors.
+    pub fn set_owner_mode(
+        &self,
+        s: Store,
+        ino: u64,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    ) -> io::Result<()> {
+        let fd = self.open_file(s, ino, false)?;
+        kfd::fchmod(&fd, mode & 0o7777)?;
+        kfd::fchown(&fd, uid, gid)
+    }
+
+    /// Removes a backing file; processes that still map it keep their pages until they
+    /// unmap.
+    pub fn remove(&self, s: Store, ino: u64) {
+        if let Err(e) = std::fs::remove_file(self.path(s, ino)) {
+            if e.raw_os_error() != Some(ENOENT) {
+                log::error!("cannot remove backing {}: {e}", self.path(s, ino).display());
+            }
+        }
+    }
+
+    /// Sets the size of a region's backing once and reserves all of its memory, so a
+    /// shortage fails here rather than as a SIGBUS in an attacher later.
+    ///
+    /// - hugetlb: grows the pool by `size / 2 MiB` pages, sets the file size and maps it
+    ///   read-write at a 1 GiB-aligned address: the shared mapping reserves every page
+    ///   (the reservation stays with the file). The mapping becomes the host mapping.
+    /// - thp, shmem: sets the size and allocates every page with `fallocate`.
+    ///
+    /// On failure nothing stays allocated and the pool is as before.
+    ///
+    /// # Errors
+    /// `ENOMEM` when huge pages cannot be had; `ENOSPC` when tmpfs is full.
+    pub fn reserve(&self, s: Store, ino: u64, size: u64) -> io::Result<Reserved> {
+        let fd = self.open_file(s, ino, true)?;
+        match s {
+            Store::Hugetlb => {
+                let grant = hugepages::grow(size / kernel_glue::HUGE_PAGE_SIZE)?;
+                kfd::ftruncate(&fd, size)?;
+                match Mapping::map_aligned(&fd, size, Protection::ReadWrite, kernel_glue::PUD_SIZE)
+                {
+                    Ok(m) => Ok(Reserved {
+                        pool_pages: grant.into_raw(),
+                        host: Some(m),
+                    }),
+                    Err(e) => {
+                        let _ = kfd::ftruncate(&fd, 0);
+                        // The grant goes out of scope here and gives its pages back.
+                        Err(e)
+                    }
+                }
+            }
+            Store::Thp | Store::Shmem => {
+                kfd::ftruncate(&fd, size)?;
+                if let Err(e) = kfd::fallocate(&fd, 0, size) {
+                    let _ = kfd::ftruncate(&fd, 0);
+                    return Err(e);
+                }
+                Ok(Reserved {
+                    pool_pages: 0,
+                    host: None,
+                })
+            }
+        }
+    }
+
+    /// Discards the contents of `[offset, offset + len)` (they read as zero afterwards) and
+    /// allocates the range again, so it stays reserved.
+    ///
+    /// # Errors
+    /// `fallocate` errors.
+    pub fn discard(&self, s: Store, ino: u64, offset: u64, len: u64) -> io::Result<()> {
+        let fd = self.open_file(s, ino, true)?;
+        kfd::fallocate_punch_hole(&fd, offset, len)?;
+        kfd::fallocate(&fd, offset, len)
+    }
+}
+
+/// What [`Stores::reserve`] set up.
+#[derive(Debug)]
+pub struct Reserved {
+    /// Huge pages added to the pool.
+    pub pool_pages: u64,
+    /// The read-write host mapping of a hugetlb region (not yet populated).
+    pub host: Option<Mapping>,
+}

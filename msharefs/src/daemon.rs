@@ -1,0 +1,351 @@
+//! Daemon life cycle: `msharefs mount` (start-up, readiness, shutdown on SIGTERM) and
+//! `msharefs umount` (stop, clean a stale mount, purge).
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fuser::{Config, MountOption, SessionACL};
+use kernel_glue::errnos::*;
+use kernel_glue::{fd as kfd, hugepages, mount, process};
+
+use crate::backing::{ALL_STORES, Stores};
+use crate::fs::Core;
+use crate::fuse::MshareFuse;
+use crate::paths::{self, StateDir};
+use crate::shrinker;
+use crate::state::{Store, Tree};
+
+/// Environment variable set on the background daemon: report readiness on stdout.
+const NOTIFY_ENV: &str = "MSHAREFS_NOTIFY";
+
+/// Options of `msharefs mount`.
+#[derive(Debug, Clone)]
+pub struct MountOpts {
+    /// Mount point.
+    pub mountpoint: PathBuf,
+    /// Default backing for new regions; `None`: hugetlb when huge pages can be had.
+    pub backing: Option<Store>,
+    /// State directory; `None`: the default for the mount point.
+    pub state_dir: Option<PathBuf>,
+    /// Stay in the foreground.
+    pub foreground: bool,
+    /// Shrinker budget for idle cached tables.
+    pub table_budget: Option<u64>,
+    /// PSI threshold of the shrinker.
+    pub psi_threshold: f64,
+    /// Arguments to pass to the background daemon.
+    pub args: Vec<String>,
+}
+
+fn fail(msg: String) -> std::io::Error {
+    std::io::Error::other(msg)
+}
+
+/// Whether huge pages can be had: hugetlbfs exists and the pool can grow by one page.
+fn hugetlb_available() -> bool {
+    let fs = std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
+    fs.contains("hugetlbfs") && hugepages::grow(1).is_ok()
+}
+
+/// Unmounts a dead FUSE mount left by a killed daemon; refuses a live msharefs.
+fn clear_mountpoint(mnt: &Path, state: &StateDir) -> std::io::Result<()> {
+    match kfd::stat(mnt) {
+        Err(e) if e.raw_os_error() == Some(ENOTCONN) => {
+            log::warn!("{}: cleaning up the mount of a dead daemon", mnt.display());
+            mount::umount2(mnt, true)?;
+        }
+        Err(e) => return Err(fail(format!("{}: {e}", mnt.display()))),
+        Ok(st) if st.mode & 0o170000 != 0o040000 => {
+            return Err(fail(format!("{}: not a directory", mnt.display())));
+        }
+        Ok(_) => {}
+    }
+    if let Some(m) = mount::mount_at(mnt)? {
+        if m.fstype.starts_with("fuse") {
+            if let Some(pid) = state.running_pid() {
+                return Err(fail(format!(
+                    "{} is already mounted by msharefs (pid {pid})",
+                    mnt.display()
+                )));
+            }
+            return Err(fail(format!("{} is already a FUSE mount", mnt.display())));
+        }
+    }
+    Ok(())
+}
+
+/// `msharefs mount`: in the background (default) it starts the daemon and returns once
+/// the mount is live; in the foreground it is the daemon.
+pub fn mount(opts: MountOpts) -> std::io::Result<()> {
+    if process::geteuid() != 0 {
+        return Err(fail(
+            "msharefs mount needs root (FUSE passthrough and huge-page pool)".into(),
+        ));
+    }
+    let mnt = paths::absolute_mountpoint(&opts.mountpoint)?;
+    if !opts.foreground {
+        return start_background(&mnt, &opts);
+    }
+    let notify = std::env::var_os(NOTIFY_ENV).is_some();
+    if notify {
+        // Leave the parent's session so its exit does not hang us up.
+        let _ = process::setsid();
+    }
+    match run_daemon(&mnt, &opts, notify) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            if notify {
+                println!("error: {e}");
+            }
+            Err(e)
+        }
+    }
+}
+
+fn start_background(mnt: &Path, opts: &MountOpts) -> std::io::Result<()> {
+    let state = StateDir {
+        dir: opts
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| paths::default_state_dir(mnt)),
+    };
+    std::fs::create_dir_all(&state.dir)?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(state.log_file())?;
+    let mut child = Command::new(std::env::current_exe()?)
+        .args(&opts.args)
+        .arg("--foreground")
+        .env(NOTIFY_ENV, "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(log))
+        .spawn()?;
+    let mut line = String::new();
+    if let Some(out) = child.stdout.take() {
+        let _ = BufReader::new(out).read_line(&mut line);
+    }
+    let line = line.trim();
+    if line == "ready" {
+        println!(
+            "msharefs: {} mounted (daemon pid {}, state {}, log {})",
+            mnt.display(),
+            child.id(),
+            state.dir.display(),
+            state.log_file().display()
+        );
+        return Ok(());
+    }
+    let _ = child.wait();
+    let msg = line.strip_prefix("error: ").unwrap_or(line);
+    Err(fail(if msg.is_empty() {
+        format!(
+            "daemon exited before the mount was live; see {}",
+            state.log_file().display()
+        )
+    } else {
+        msg.to_string()
+    }))
+}
+
+fn run_daemon(mnt: &Path, opts: &MountOpts, notify: bool) -> std::io::Result<()> {
+    let state = StateDir {
+        dir: opts
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| paths::default_state_dir(mnt)),
+    };
+    if let Some(pid) = state.running_pid() {
+        if pid != std::process::id() {
+            return Err(fail(format!(
+                "state directory {} is in use by daemon pid {pid}",
+                state.dir.display()
+            )));
+        }
+    }
+    clear_mountpoint(mnt, &state)?;
+    std::fs::create_dir_all(&state.dir)?;
+    // Others may traverse (to reach the attach socket) but not list the state directory.
+    std::fs::set_permissions(
+        &state.dir,
+        std::os::unix::fs::PermissionsExt::from_mode(0o711),
+    )?;
+    let socket = state.socket();
+    if socket.as_os_str().len() >= mshare::uapi::SOCKET_PATH_LEN {
+        return Err(fail(format!(
+            "state directory path too long for a socket: {}",
+            socket.display()
+        )));
+    }
+    paths::register(mnt, &state.dir)?;
+
+    let saved = if state.state_file().exists() {
+        Some(
+            Tree::load(&state.state_file())
+                .map_err(|e| fail(format!("cannot read {}: {e}", state.state_file().display())))?,
+        )
+    } else {
+        None
+    };
+    let has_hugetlb_regions = saved
+        .as_ref()
+        .is_some_and(|t| t.regions().any(|(_, r)| r.store == Store::Hugetlb));
+    let hugetlb = hugetlb_available();
+    let default = match (opts.backing, &saved) {
+        (Some(Store::Hugetlb), _) if !hugetlb => {
+            return Err(fail(
+                "--backing hugetlb: no huge pages can be had on this machine".into(),
+            ));
+        }
+        (Some(b), _) => b,
+        (None, Some(t)) if t.default_store != Store::Hugetlb || hugetlb => t.default_store,
+        (None, _) if hugetlb => Store::Hugetlb,
+        (None, _) => Store::Thp,
+    };
+    let stores = Stores::open(&state.dir, hugetlb || has_hugetlb_regions)?;
+    let mut tree = saved.unwrap_or_else(|| Tree::new(default));
+    tree.default_store = default;
+    let core = Arc::new(Core::new(tree, stores, state.state_file(), socket.clone()));
+    core.recover();
+    crate::attach::serve(core.clone(), &socket)?;
+    shrinker::spawn(
+        core.clone(),
+        shrinker::Policy {
+            table_budget: opts.table_budget,
+            psi_threshold: opts.psi_threshold,
+            grace: Duration::from_secs(1),
+        },
+    );
+
+    let mut config = Config::default();
+    config.mount_options = vec![
+        MountOption::FSName("msharefs".into()),
+        MountOption::Subtype("msharefs".into()),
+        MountOption::DefaultPermissions,
+        MountOption::NoSuid,
+        MountOption::NoDev,
+    ];
+    config.acl = SessionACL::All;
+    config.n_threads = Some(4);
+    let session = fuser::Session::new(MshareFuse::new(core.clone()), mnt, &config)
+        .map_err(|e| fail(format!("cannot mount {}: {e}", mnt.display())))?;
+    let bg = session.spawn()?;
+    // The session threads answer now, so stat of our own root cannot deadlock.
+    let dev = kfd::stat(mnt)?.dev;
+    let _ = core.fuse_dev.set(dev);
+    std::fs::write(state.pid_file(), format!("{}\n", std::process::id()))?;
+    log::info!(
+        "mounted {} (state {}, default backing {}, passthrough {})",
+        mnt.display(),
+        state.dir.display(),
+        default.name(),
+        core.passthrough.get().copied().unwrap_or(false)
+    );
+    if notify {
+        println!("ready");
+        let _ = std::io::stdout().flush();
+        let _ = process::stdio_to_devnull();
+    }
+
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGHUP,
+    ])?;
+    loop {
+        if signals.pending().next().is_some() || bg.guard.is_finished() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Hold the metadata lock to the end: no request changes state while we save and go.
+    let inner = core.lock();
+    if let Err(e) = inner.tree.save(&state.state_file()) {
+        log::error!("cannot save state: {e}");
+    }
+    if let Err(e) = mount::umount2(mnt, true) {
+        if e.raw_os_error() != Some(EINVAL) {
+            log::error!("cannot unmount {}: {e}", mnt.display());
+        }
+    }
+    let _ = std::fs::remove_file(state.pid_file());
+    log::info!("stopped; region data kept in {}", state.dir.display());
+    // Exiting closes /dev/fuse, which ends the connection: open msharefs files get
+    // ENOTCONN, while mappings (passthrough or hugetlb backing) keep working.
+    std::process::exit(0);
+}
+
+/// `msharefs umount`: stops the daemon, removes the mount, and with `purge` destroys every
+/// region and gives back every huge page the daemon added.
+pub fn umount(mountpoint: &Path, purge: bool) -> std::io::Result<()> {
+    if process::geteuid() != 0 {
+        return Err(fail("msharefs umount needs root".into()));
+    }
+    let mnt = paths::absolute_mountpoint(mountpoint)?;
+    let state = paths::state_dir_for(&mnt);
+    if let Some(pid) = state.running_pid() {
+        process::kill(pid, kernel_glue::consts::SIGTERM)?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while process::alive(pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if process::alive(pid) {
+            log::warn!("daemon {pid} did not stop; killing it");
+            let _ = process::kill(pid, kernel_glue::consts::SIGKILL);
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    let mut was_mounted = false;
+    while let Some(m) = mount::mount_at(&mnt)? {
+        if !m.fstype.starts_with("fuse") {
+            break;
+        }
+        was_mounted = true;
+        mount::umount2(&mnt, true)?;
+    }
+    if !purge {
+        if !was_mounted && !state.state_file().exists() {
+            return Err(fail(format!("{}: not an msharefs mount", mnt.display())));
+        }
+        println!(
+            "msharefs: {} unmounted; regions kept in {}",
+            mnt.display(),
+            state.dir.display()
+        );
+        return Ok(());
+    }
+    let pages = purge_state(&state)?;
+    let _ = std::fs::remove_file(paths::registry_entry(&mnt));
+    println!(
+        "msharefs: {} unmounted and purged ({pages} huge pages given back)",
+        mnt.display()
+    );
+    Ok(())
+}
+
+/// Destroys every region of a state directory: unmounts the backing stores (pages still
+/// mapped by a process go when it unmaps them), gives back the pool pages recorded, and
+/// removes the directory. Returns the pages given back.
+fn purge_state(state: &StateDir) -> std::io::Result<u64> {
+    let pages = match Tree::load(&state.state_file()) {
+        Ok(t) => t.regions().map(|(_, r)| r.pool_pages).sum(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+        Err(e) => return Err(e),
+    };
+    let backing = state.dir.join("backing");
+    for s in ALL_STORES {
+        let dir = backing.join(s.name());
+        while mount::mount_at(&dir)?.is_some() {
+            mount::umount2(&dir, true)?;
+        }
+    }
+    hugepages::give_back(pages)?;
+    if state.dir.exists() {
+        std::fs::remove_dir_all(&state.dir)?;
+    }
+    Ok(pages)
+}

@@ -1,0 +1,755 @@
+//! The file system's logic: names, permissions, region sizes, objects, handles. Every
+//! operation returns `Result<_, Errno>` with the errno the client gets; `fuse.rs` only
+//! translates FUSE requests to these calls and replies.
+//!
+//! Locking: one mutex over the metadata (`Inner`). Long work (reserving memory for a new
+//! region size) runs outside it with the region marked busy.
+
+use std::collections::{HashMap, HashSet};
+use std::io;
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+
+use kernel_glue::errnos::*;
+use kernel_glue::mapping::Protection;
+use kernel_glue::{consts, fd as kfd};
+use mshare::{Backing, uapi};
+
+use crate::backing::Stores;
+use crate::hostmm::HostMm;
+use crate::state::{INFO_INO, Node, NodeKind, RegionMeta, Store, Tree};
+
+/// An errno for a client.
+pub type Errno = i32;
+/// Result of a file-system operation.
+pub type FsResult<T> = Result<T, Errno>;
+
+/// The one place a missing errno becomes `EIO`.
+pub fn errno_of(e: &io::Error) -> Errno {
+    e.raw_os_error().unwrap_or(EIO)
+}
+
+/// What `mshare_info` contains.
+pub fn info_text() -> String {
+    format!("{}\n", uapi::MSHARE_GRANULE)
+}
+
+/// An open file handle.
+#[derive(Debug, Clone, Copy)]
+pub struct Handle {
+    /// Inode it opened.
+    pub ino: u64,
+    /// Opened for writing.
+    pub write: bool,
+}
+
+/// Per-inode open state.
+#[derive(Debug, Default)]
+pub struct OpenState {
+    /// Open handles.
+    pub count: u32,
+    /// The passthrough backing id, shared by all handles of the inode (the kernel
+    /// requires one backing file per inode while any passthrough open exists).
+    pub backing_id: Option<Arc<fuser::BackingId>>,
+}
+
+/// Mutable metadata under the lock.
+#[derive(Debug)]
+pub struct Inner {
+    /// The tree (persisted).
+    pub tree: Tree,
+    /// Open state by inode.
+    pub open: HashMap<u64, OpenState>,
+    /// Handles by file handle number.
+    pub handles: HashMap<u64, Handle>,
+    next_fh: u64,
+    /// Regions whose size is being set right now.
+    busy: HashSet<u64>,
+}
+
+/// The daemon's shared core: metadata, backing stores, host mm.
+#[derive(Debug)]
+pub struct Core {
+    inner: Mutex<Inner>,
+    /// Backing stores.
+    pub stores: Stores,
+    /// Host mappings.
+    pub hostmm: HostMm,
+    state_file: PathBuf,
+    /// Attach socket path (reported by `MSHAREFS_GET_INFO`).
+    pub socket_path: PathBuf,
+    /// Device number of the FUSE mount, known once mounted.
+    pub fuse_dev: OnceLock<u64>,
+    /// Whether the kernel accepted FUSE passthrough.
+    pub passthrough: OnceLock<bool>,
+}
+
+impl Core {
+    /// A core over a loaded or new tree.
+    pub fn new(tree: Tree, stores: Stores, state_file: PathBuf, socket_path: PathBuf) -> Core {
+        Core {
+            inner: Mutex::new(Inner {
+                tree,
+                open: HashMap::new(),
+                handles: HashMap::new(),
+                next_fh: 1,
+                busy: HashSet::new(),
+            }),
+            stores,
+            hostmm: HostMm::default(),
+            state_file,
+            socket_path,
+            fuse_dev: OnceLock::new(),
+            passthrough: OnceLock::new(),
+        }
+    }
+
+    /// Locks the metadata. A panicked thread must not wedge the daemon: the data is
+    /// plain and every mutation is completed before the lock is released.
+    pub fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Saves the tree; a failure is logged and reported as `EIO`.
+    fn persist(&self, inner: &Inner) -> FsResult<()> {
+        inner.tree.save(&self.state_file).map_err(|e| {
+            log::error!("cannot save {}: {e}", self.state_file.display());
+            EIO
+        })
+    }
+
+    /// Brings back host mappings and drops orphans after a (re)start.
+    pub fn recover(&self) {
+        let mut inner = self.lock();
+        let orphans: Vec<u64> = inner
+            .tree
+            .nodes
+            .values()
+            .filter(|n| n.orphan)
+            .map(|n| n.ino)
+            .collect();
+        for ino in orphans {
+            log::info!("removing region {ino}, unlinked before the last daemon stopped");
+            self.destroy(&mut inner, ino);
+        }
+        let hugetlb: Vec<(u64, u64)> = inner
+            .tree
+            .regions()
+            .filter(|(_, r)| r.store == Store::Hugetlb && r.size > 0)
+            .map(|(n, r)| (n.ino, r.size))
+            .collect();
+        for (ino, size) in hugetlb {
+            match self
+                .stores
+                .open_file(Store::Hugetlb, ino, true)
+                .and_then(|fd| {
+                    kernel_glue::mapping::Mapping::map_aligned(
+                        &fd,
+                        size,
+                        Protection::ReadWrite,
+                        kernel_glue::PUD_SIZE,
+                    )
+                }) {
+                Ok(m) => self.hostmm.install(ino, m),
+                Err(e) => log::error!("region {ino}: cannot map its backing again: {e}"),
+            }
+        }
+        let _ = self.persist(&inner);
+    }
+
+    // ---- names -------------------------------------------------------------------------
+
+    /// Looks up `name` in `parent`.
+    pub fn lookup(&self, parent: u64, name: &str) -> FsResult<Node> {
+        let inner = self.lock();
+        let p = inner.tree.get(parent).ok_or(ENOENT)?;
+        if !p.is_dir() {
+            return Err(ENOTDIR);
+        }
+        inner.tree.lookup(parent, name).cloned().ok_or(ENOENT)
+    }
+
+    /// The node `ino`.
+    pub fn node(&self, ino: u64) -> FsResult<Node> {
+        self.lock().tree.get(ino).cloned().ok_or(ENOENT)
+    }
+
+    /// Creates a directory.
+    pub fn mkdir(&self, parent: u64, name: &str, mode: u32, uid: u32, gid: u32) -> FsResult<Node> {
+        let mut inner = self.lock();
+        let ino = inner
+            .tree
+            .insert(parent, name, NodeKind::Dir, mode, uid, gid)?;
+        self.persist(&inner)?;
+        Ok(inner.tree.get(ino).cloned().ok_or(EIO)?)
+    }
+
+    /// Creates a region (size unset) on the mount's default store.
+    pub fn create_region(
+        &self,
+        parent: u64,
+        name: &str,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    ) -> FsResult<Node> {
+        let mut inner = self.lock();
+        let store = inner.tree.default_store;
+        let kind = NodeKind::Region(RegionMeta {
+            store,
+            size: 0,
+            objects: Default::default(),
+            pool_pages: 0,
+        });
+        let ino = inner.tree.insert(parent, name, kind, mode, uid, gid)?;
+        if let Err(e) = self.stores.create(store, ino, mode, uid, gid) {
+            inner.tree.nodes.remove(&ino);
+            return Err(errno_of(&e));
+        }
+        self.persist(&inner)?;
+        Ok(inner.tree.get(ino).cloned().ok_or(EIO)?)
+    }
+
+    /// Ends a region: host mappings, backing file, pool pages, node.
+    fn destroy(&self, inner: &mut Inner, ino: u64) {
+        if let Some(node) = inner.tree.nodes.remove(&ino) {
+            if let Some(r) = node.region() {
+                self.hostmm.release(ino);
+                self.stores.remove(r.store, ino);
+                if let Err(e) = kernel_glue::hugepages::give_back(r.pool_pages) {
+                    log::error!(
+                        "region {ino}: cannot give back {} huge pages: {e}",
+                        r.pool_pages
+                    );
+                }
+                log::info!("region {} ({ino}) removed", node.name);
+            }
+        }
+    }
+
+    /// Removes the entry `name` (a region or, with `dir`, an empty directory) from
+    /// `parent`. A region that is still open ends at its last release.
+    fn remove_entry(&self, inner: &mut Inner, ino: u64) {
+        let open = inner.open.get(&ino).is_some_and(|o| o.count > 0);
+        let Some(node) = inner.tree.get_mut(ino) else {
+            return;
+        };
+        let parent = node.parent;
+        if node.region().is_some() && open {
+            node.orphan = true;
+        } else if node.is_dir() {
+            inner.tree.nodes.remove(&ino);
+        } else {
+            self.destroy(inner, ino);
+        }
+        inner.tree.touch(parent);
+    }
+
+    /// `unlink(2)`.
+    pub fn unlink(&self, parent: u64, name: &str) -> FsResult<()> {
+        let mut inner = self.lock();
+        let node = inner.tree.lookup(parent, name).ok_or(ENOENT)?;
+        match node.kind {
+            NodeKind::Dir => return Err(EISDIR),
+            NodeKind::Info => return Err(EPERM),
+            NodeKind::Region(_) => {}
+        }
+        let ino = node.ino;
+        self.remove_entry(&mut inner, ino);
+        self.persist(&inner)
+    }
+
+    /// `rmdir(2)`.
+    pub fn rmdir(&self, parent: u64, name: &str) -> FsResult<()> {
+        let mut inner = self.lock();
+        let node = inner.tree.lookup(parent, name).ok_or(ENOENT)?;
+        if !node.is_dir() {
+            return Err(ENOTDIR);
+        }
+        let ino = node.ino;
+        if inner.tree.children(ino).next().is_some() {
+            return Err(ENOTEMPTY);
+        }
+        self.remove_entry(&mut inner, ino);
+        self.persist(&inner)
+    }
+
+    /// `rename(2)` with `RENAME_NOREPLACE` support; `RENAME_EXCHANGE` is `EINVAL`.
+    pub fn rename(
+        &self,
+        parent: u64,
+        name: &str,
+        newparent: u64,
+        newname: &str,
+        flags: u32,
+    ) -> FsResult<()> {
+        if flags & !consts::RENAME_NOREPLACE != 0 {
+            return Err(EINVAL);
+        }
+        Tree::check_name(newname)?;
+        let mut inner = self.lock();
+        let src = inner.tree.lookup(parent, name).cloned().ok_or(ENOENT)?;
+        if matches!(src.kind, NodeKind::Info) {
+            return Err(EPERM);
+        }
+        let np = inner.tree.get(newparent).ok_or(ENOENT)?;
+        if !np.is_dir() {
+            return Err(ENOTDIR);
+        }
+        if src.is_dir() && inner.tree.is_within(newparent, src.ino) {
+            return Err(EINVAL);
+        }
+        if let Some(dst) = inner.tree.lookup(newparent, newname).cloned() {
+            if dst.ino == src.ino {
+                return Ok(());
+            }
+            if flags & consts::RENAME_NOREPLACE != 0 {
+                return Err(EEXIST);
+            }
+            match (&src.kind, &dst.kind) {
+                (_, NodeKind::Info) => return Err(EPERM),
+                (NodeKind::Dir, NodeKind::Dir) => {
+                    if inner.tree.children(dst.ino).next().is_some() {
+                        return Err(ENOTEMPTY);
+                    }
+                }
+                (NodeKind::Dir, _) => return Err(ENOTDIR),
+                (_, NodeKind::Dir) => return Err(EISDIR),
+                _ => {}
+            }
+            self.remove_entry(&mut inner, dst.ino);
+        }
+        let n = inner.tree.get_mut(src.ino).ok_or(EIO)?;
+        n.parent = newparent;
+        n.name = newname.to_string();
+        inner.tree.touch(src.ino);
+        inner.tree.touch(parent);
+        inner.tree.touch(newparent);
+        self.persist(&inner)
+    }
+
+    // ---- attributes --------------------------------------------------------------------
+
+    /// Changes mode, owner and group (the kernel has checked the caller may), mirroring
+    /// them onto the backing file.
+    pub fn set_owner_mode(
+        &self,
+        ino: u64,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+    ) -> FsResult<()> {
+        let mut inner = self.lock();
+        let node = inner.tree.get_mut(ino).ok_or(ENOENT)?;
+        if matches!(node.kind, NodeKind::Info) {
+            return Err(EPERM);
+        }
+        if let Some(m) = mode {
+            node.mode = m & 0o7777;
+        }
+        if let Some(u) = uid {
+            node.uid = u;
+        }
+        if let Some(g) = gid {
+            node.gid = g;
+        }
+        let (m, u, g) = (node.mode, node.uid, node.gid);
+        let store = node.region().map(|r| r.store);
+        inner.tree.touch(ino);
+        if let Some(s) = store {
+            self.stores
+                .set_owner_mode(s, ino, m, u, g)
+                .map_err(|e| errno_of(&e))?;
+        }
+        self.persist(&inner)
+    }
+
+    /// Sets the modification time.
+    pub fn set_mtime(&self, ino: u64, secs: i64) -> FsResult<()> {
+        let mut inner = self.lock();
+        let node = inner.tree.get_mut(ino).ok_or(ENOENT)?;
+        node.mtime = secs;
+        self.persist(&inner)
+    }
+
+    /// Sets a region's size, once, reserving its memory (see `Stores::reserve`).
+    /// Setting the size it already has is a no-op (so `O_TRUNC` of an unset region and
+    /// `truncate` to the current size work); any other second change is `EINVAL`.
+    pub fn set_size(&self, ino: u64, size: u64) -> FsResult<()> {
+        let store = {
+            let mut inner = self.lock();
+            let node = inner.tree.get(ino).ok_or(ENOENT)?;
+            let r = match &node.kind {
+                NodeKind::Region(r) => r,
+                NodeKind::Dir => return Err(EISDIR),
+                NodeKind::Info => return Err(EPERM),
+            };
+            if r.size == size {
+                return Ok(());
+            }
+            if r.size != 0 || inner.busy.contains(&ino) {
+                return Err(EINVAL);
+            }
+            if size == 0 || size % r.store.page_size() != 0 || i64::try_from(size).is_err() {
+                return Err(EINVAL);
+            }
+            let store = r.store;
+            inner.busy.insert(ino);
+            store
+        };
+        // Reserving can take seconds (tmpfs zeroes every page): do it unlocked.
+        let reserved = self.stores.reserve(store, ino, size);
+        let mut inner = self.lock();
+        inner.busy.remove(&ino);
+        let reserved = reserved.map_err(|e| {
+            log::info!("region {ino}: size {size} refused: {e}");
+            errno_of(&e)
+        })?;
+        let Some(r) = inner.tree.get_mut(ino).and_then(Node::region_mut) else {
+            // Unlinked meanwhile and already destroyed: give everything back.
+            let _ = kernel_glue::hugepages::give_back(reserved.pool_pages);
+            return Err(ENOENT);
+        };
+        r.size = size;
+        r.pool_pages = reserved.pool_pages;
+        if let Some(host) = reserved.host {
+            self.hostmm.install(ino, host);
+        }
+        inner.tree.touch(ino);
+        self.persist(&inner)
+    }
+
+    /// Chooses a region's backing before its size is set (`user.mshare.backing`).
+    pub fn set_backing(&self, ino: u64, b: Backing, flags: i32) -> FsResult<()> {
+        if flags & consts::XATTR_CREATE != 0 {
+            // The attribute always exists: every region has a backing.
+            return Err(EEXIST);
+        }
+        let mut inner = self.lock();
+        let default = inner.tree.default_store;
+        let has_backing_id = inner.open.get(&ino).is_some_and(|o| o.backing_id.is_some());
+        let node = inner.tree.get(ino).ok_or(ENOENT)?;
+        let (mode, uid, gid) = (node.mode, node.uid, node.gid);
+        let r = node.region().ok_or(EOPNOTSUPP)?;
+        let new = Store::resolve(b, default);
+        if new == r.store {
+            return Ok(());
+        }
+        if r.size != 0 || inner.busy.contains(&ino) || has_backing_id {
+            // Data or a passthrough open already depend on the current backing.
+            return Err(EBUSY);
+        }
+        let old = r.store;
+        self.stores
+            .create(new, ino, mode, uid, gid)
+            .map_err(|e| errno_of(&e))?;
+        self.stores.remove(old, ino);
+        if let Some(r) = inner.tree.get_mut(ino).and_then(Node::region_mut) {
+            r.store = new;
+        }
+        self.persist(&inner)
+    }
+
+    // ---- open files --------------------------------------------------------------------
+
+    /// Registers an open handle. Returns the handle number and, for thp and shmem
+    /// regions, the backing descriptor to pass through when this is the inode's first
+    /// passthrough open (`need_backing`).
+    pub fn open(&self, ino: u64, acc: i32) -> FsResult<(u64, Option<OwnedFd>, Option<Store>)> {
+        let mut inner = self.lock();
+        let node = inner.tree.get(ino).ok_or(ENOENT)?;
+        let write = acc == consts::O_WRONLY || acc == consts::O_RDWR;
+        let store = match &node.kind {
+            NodeKind::Dir => return Err(EISDIR),
+            NodeKind::Info if write => return Err(EACCES),
+            NodeKind::Info => None,
+            NodeKind::Region(r) => Some(r.store),
+        };
+        let passthrough = *self.passthrough.get().unwrap_or(&false);
+        let backing = match store {
+            Some(s @ (Store::Thp | Store::Shmem)) if passthrough => {
+                let need = inner.open.get(&ino).is_none_or(|o| o.backing_id.is_none());
+                if need {
+                    Some(
+                        self.stores
+                            .open_file(s, ino, true)
+                            .map_err(|e| errno_of(&e))?,
+                    )
+                } else {
+                    None
+                }
+            }
+            _ => None,
+        };
+        let fh = inner.next_fh;
+        inner.next_fh += 1;
+        inner.handles.insert(fh, Handle { ino, write });
+        inner.open.entry(ino).or_default().count += 1;
+        Ok((fh, backing, store))
+    }
+
+    /// Stores the passthrough backing id of an inode (first passthrough open).
+    pub fn set_backing_id(&self, ino: u64, id: Arc<fuser::BackingId>) {
+        self.lock().open.entry(ino).or_default().backing_id = Some(id);
+    }
+
+    /// The passthrough backing id of an inode, if any.
+    pub fn backing_id(&self, ino: u64) -> Option<Arc<fuser::BackingId>> {
+        self.lock()
+            .open
+            .get(&ino)
+            .and_then(|o| o.backing_id.clone())
+    }
+
+    /// Forgets a handle; the last one drops the passthrough id and ends an unlinked
+    /// region.
+    pub fn release(&self, fh: u64) {
+        let mut inner = self.lock();
+        let Some(h) = inner.handles.remove(&fh) else {
+            return;
+        };
+        let last = match inner.open.get_mut(&h.ino) {
+            Some(o) => {
+                o.count = o.count.saturating_sub(1);
+                o.count == 0
+            }
+            None => true,
+        };
+        if last {
+            inner.open.remove(&h.ino);
+            if inner.tree.get(h.ino).is_some_and(|n| n.orphan) {
+                self.destroy(&mut inner, h.ino);
+                let _ = self.persist(&inner);
+            }
+        }
+    }
+
+    /// The handle `fh`.
+    pub fn handle(&self, fh: u64) -> FsResult<Handle> {
+        self.lock().handles.get(&fh).copied().ok_or(EBADF)
+    }
+
+    /// Open handles of an inode.
+    pub fn open_count(&self, ino: u64) -> u32 {
+        self.lock().open.get(&ino).map_or(0, |o| o.count)
+    }
+
+    // ---- data --------------------------------------------------------------------------
+
+    fn region_of(&self, ino: u64) -> FsResult<RegionMeta> {
+        let inner = self.lock();
+        let node = inner.tree.get(ino).ok_or(ENOENT)?;
+        match &node.kind {
+            NodeKind::Region(r) => Ok(r.clone()),
+            NodeKind::Dir => Err(EISDIR),
+            NodeKind::Info => Err(EPERM),
+        }
+    }
+
+    /// Reads region data (for `cp`/`dd`; mapped access never comes here).
+    pub fn read(&self, ino: u64, offset: u64, len: u32) -> FsResult<Vec<u8>> {
+        if ino == INFO_INO {
+            let text = info_text().into_bytes();
+            let start = (offset as usize).min(text.len());
+            let end = start.saturating_add(len as usize).min(text.len());
+            return Ok(text[start..end].to_vec());
+        }
+        let r = self.region_of(ino)?;
+        if offset >= r.size {
+            return Ok(Vec::new());
+        }
+        let n = (len as u64).min(r.size - offset) as usize;
+        let mut buf = vec![0u8; n];
+        let fd = self
+            .stores
+            .open_file(r.store, ino, false)
+            .map_err(|e| errno_of(&e))?;
+        let got = kfd::pread_full(&fd, &mut buf, offset).map_err(|e| errno_of(&e))?;
+        buf.truncate(got);
+        Ok(buf)
+    }
+
+    /// Writes region data. Regions do not grow: bytes past the end are `ENOSPC`.
+    /// hugetlbfs has no `write(2)`, so hugetlb data is copied through the host mapping.
+    pub fn write(&self, ino: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+        let r = self.region_of(ino)?;
+        if offset >= r.size {
+            return Err(ENOSPC);
+        }
+        let n = (data.len() as u64).min(r.size - offset) as usize;
+        let data = &data[..n];
+        match r.store {
+            Store::Hugetlb => {
+                self.hostmm
+                    .ensure(ino, r.size, Protection::ReadWrite, |w| {
+                        self.stores.open_file(Store::Hugetlb, ino, w)
+                    })
+                    .map_err(|e| errno_of(&e))?;
+                let m = self.hostmm.rw_mapping(ino).ok_or(EIO)?;
+                m.write_at(offset, data).map_err(|e| errno_of(&e))?;
+            }
+            Store::Thp | Store::Shmem => {
+                use std::os::unix::fs::FileExt;
+                let fd = self
+                    .stores
+                    .open_file(r.store, ino, true)
+                    .map_err(|e| errno_of(&e))?;
+                std::fs::File::from(fd)
+                    .write_all_at(data, offset)
+                    .map_err(|e| errno_of(&e))?;
+            }
+        }
+        Ok(n as u32)
+    }
+
+    // ---- ioctls ------------------------------------------------------------------------
+
+    /// `MSHAREFS_GET_INFO`.
+    pub fn region_info(&self, ino: u64) -> FsResult<uapi::MshareRegionInfo> {
+        let r = self.region_of(ino).map_err(|_| ENOTTY)?;
+        let mut info = uapi::MshareRegionInfo {
+            size: r.size,
+            page_size: r.store.page_size(),
+            granule: uapi::MSHARE_GRANULE,
+            backing: r.store.backing().raw(),
+            version: 1,
+            ..Default::default()
+        };
+        let p = self.socket_path.as_os_str().as_encoded_bytes();
+        if p.len() >= uapi::SOCKET_PATH_LEN {
+            return Err(ENAMETOOLONG);
+        }
+        info.socket_path[..p.len()].copy_from_slice(p);
+        Ok(info)
+    }
+
+    /// `MSHAREFS_CREATE_MAPPING`: an anonymous shared object, reserved and populated.
+    pub fn create_object(&self, ino: u64, req: &uapi::MshareCreate) -> FsResult<()> {
+        let mut inner = self.lock();
+        let node = inner.tree.get(ino).ok_or(ENOENT)?;
+        let r = node.region().ok_or(ENOTTY)?;
+        if r.size == 0 {
+            return Err(EINVAL);
+        }
+        let flags = req.flags as i32;
+        let need = consts::MAP_SHARED | consts::MAP_FIXED;
+        if flags & need != need || flags & consts::MAP_PRIVATE != 0 {
+            return Err(EINVAL);
+        }
+        if flags & consts::MAP_ANONYMOUS == 0 {
+            return Err(EOPNOTSUPP);
+        }
+        let prot = req.prot as i32;
+        if prot & !(consts::PROT_READ | consts::PROT_WRITE | consts::PROT_EXEC) != 0 {
+            return Err(EINVAL);
+        }
+        let page = r.store.page_size();
+        let end = req.region_offset.checked_add(req.size).ok_or(EINVAL)?;
+        if req.size == 0 || end > r.size || req.region_offset % page != 0 || req.size % page != 0 {
+            return Err(EINVAL);
+        }
+        let overlaps = r
+            .objects
+            .iter()
+            .any(|(&o, &s)| o < end && req.region_offset < o + s);
+        if overlaps {
+            return Err(EEXIST);
+        }
+        let (store, size) = (r.store, r.size);
+        if store == Store::Hugetlb {
+            self.hostmm
+                .ensure(ino, size, Protection::ReadWrite, |w| {
+                    self.stores.open_file(Store::Hugetlb, ino, w)
+                })
+                .map_err(|e| errno_of(&e))?;
+            if let Some(m) = self.hostmm.rw_mapping(ino) {
+                m.populate(req.region_offset, req.size)
+                    .map_err(|e| errno_of(&e))?;
+            }
+        }
+        if let Some(r) = inner.tree.get_mut(ino).and_then(Node::region_mut) {
+            r.objects.insert(req.region_offset, req.size);
+        }
+        self.persist(&inner)
+    }
+
+    /// `MSHAREFS_UNMAP`: discards the range's contents in every attacher (they read as
+    /// zero afterwards) and removes the objects in it (trimming partly covered ones).
+    pub fn unmap_range(&self, ino: u64, req: &uapi::MshareUnmap) -> FsResult<()> {
+        let mut inner = self.lock();
+        let node = inner.tree.get(ino).ok_or(ENOENT)?;
+        let r = node.region().ok_or(ENOTTY)?;
+        if r.size == 0 {
+            return Err(EINVAL);
+        }
+        let page = r.store.page_size();
+        let end = req.region_offset.checked_add(req.size).ok_or(EINVAL)?;
+        if req.size == 0 || end > r.size || req.region_offset % page != 0 || req.size % page != 0 {
+            return Err(EINVAL);
+        }
+        let store = r.store;
+        self.stores
+            .discard(store, ino, req.region_offset, req.size)
+            .map_err(|e| errno_of(&e))?;
+        if let Some(r) = inner.tree.get_mut(ino).and_then(Node::region_mut) {
+            let mut kept = std::collections::BTreeMap::new();
+            for (&o, &s) in &r.objects {
+                let oend = o + s;
+                if oend <= req.region_offset || o >= end {
+                    kept.insert(o, s);
+                    continue;
+                }
+                if o < req.region_offset {
+                    kept.insert(o, req.region_offset - o);
+                }
+                if oend > end {
+                    kept.insert(end, oend - end);
+                }
+            }
+            r.objects = kept;
+        }
+        self.persist(&inner)
+    }
+
+    // ---- attach socket -----------------------------------------------------------------
+
+    /// Checks an attach request and returns the backing descriptor: `fd_ino` is the inode
+    /// of the msharefs descriptor the client passed, `acc` its access mode.
+    pub fn attach_backing(&self, fd_ino: u64, acc: i32, prot: Protection) -> FsResult<OwnedFd> {
+        if prot == Protection::ReadWrite && acc != consts::O_RDWR {
+            return Err(EACCES);
+        }
+        if acc == consts::O_WRONLY {
+            return Err(EACCES);
+        }
+        let r = self.region_of(fd_ino).map_err(|_| EBADF)?;
+        if r.store != Store::Hugetlb {
+            return Err(ENODEV);
+        }
+        if r.size == 0 {
+            return Err(EINVAL);
+        }
+        // The host set for this protection must exist before the client faults, so its
+        // faults link the cached tables.
+        self.hostmm
+            .ensure(fd_ino, r.size, prot, |w| {
+                self.stores.open_file(Store::Hugetlb, fd_ino, w)
+            })
+            .map_err(|e| errno_of(&e))?;
+        self.stores
+            .open_file(Store::Hugetlb, fd_ino, prot == Protection::ReadWrite)
+            .map_err(|e| errno_of(&e))
+    }
+
+    /// A copy of the tree for reports.
+    pub fn tree(&self) -> Tree {
+        self.lock().tree.clone()
+    }
+
+    /// Backing file identity `(dev, ino)` of a region, for attach accounting.
+    pub fn backing_identity(&self, store: Store, ino: u64) -> Option<(u64, u64)> {
+        let st = kfd::stat(&self.stores.path(store, ino)).ok()?;
+        Some((st.dev, st.ino))
+    }
+}

@@ -1,0 +1,630 @@
+//! The FUSE front end: translates fuser requests into `fs::Core` calls and replies.
+//!
+//! Data paths: thp and shmem region files are opened with FUSE passthrough to their
+//! backing (the kernel maps and reads the tmpfs file directly; the daemon never sees the
+//! data). hugetlb region files cannot be passed through (hugetlbfs refuses stacking, the
+//! kernel answers `ELOOP`), so they are opened `FOPEN_DIRECT_IO`: `read`/`write` come to
+//! the daemon, and `mmap(MAP_SHARED)` fails with `ENODEV` instead of silently using the
+//! FUSE page cache. Clients map hugetlb regions through libmshare or the shim.
+
+use std::ffi::OsStr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{
+    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
+    INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyOpen,
+    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+use kernel_glue::consts;
+use mshare::{Backing, uapi};
+
+use crate::fs::{Core, FsResult};
+use crate::state::{Node, NodeKind, Store};
+
+/// Attribute and entry cache time. Only the daemon changes metadata and the kernel
+/// updates its cache from our replies, so a short TTL costs little.
+const TTL: Duration = Duration::from_secs(1);
+
+/// The fuser `Filesystem`.
+#[derive(Debug)]
+pub struct MshareFuse {
+    core: Arc<Core>,
+}
+
+impl MshareFuse {
+    /// Wraps the shared core.
+    pub fn new(core: Arc<Core>) -> MshareFuse {
+        MshareFuse { core }
+    }
+}
+
+fn time(secs: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(secs.max(0) as u64)
+}
+
+fn attr(n: &Node) -> FileAttr {
+    let (kind, size, nlink, blksize) = match &n.kind {
+        NodeKind::Dir => (FileType::Directory, 0, 2, 4096),
+        NodeKind::Info => (
+            FileType::RegularFile,
+            crate::fs::info_text().len() as u64,
+            1,
+            4096,
+        ),
+        NodeKind::Region(r) => (
+            FileType::RegularFile,
+            r.size,
+            1,
+            r.store.page_size().min(u32::MAX as u64) as u32,
+        ),
+    };
+    FileAttr {
+        ino: INodeNo(n.ino),
+        size,
+        blocks: size.div_ceil(512),
+        atime: time(n.mtime),
+        mtime: time(n.mtime),
+        ctime: time(n.ctime),
+        crtime: time(n.ctime),
+        kind,
+        perm: n.mode as u16,
+        nlink,
+        uid: n.uid,
+        gid: n.gid,
+        rdev: 0,
+        blksize,
+        flags: 0,
+    }
+}
+
+fn name_str(name: &OsStr) -> FsResult<&str> {
+    // Names are stored as UTF-8 in the state file; other byte strings are refused.
+    name.to_str().ok_or(libc_errno::EINVAL)
+}
+
+mod libc_errno {
+    pub use kernel_glue::errnos::{EINVAL, ENODATA, ENOTTY, EOPNOTSUPP, EPERM, ERANGE};
+}
+
+fn err(e: i32) -> Errno {
+    Errno::from_i32(e)
+}
+
+fn reply_entry(r: FsResult<Node>, reply: ReplyEntry) {
+    match r {
+        Ok(n) => reply.entry(&TTL, &attr(&n), Generation(0)),
+        Err(e) => reply.error(err(e)),
+    }
+}
+
+fn reply_empty(r: FsResult<()>, reply: ReplyEmpty) {
+    match r {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(err(e)),
+    }
+}
+
+fn mode_of(mode: u32, umask: u32) -> u32 {
+    mode & !umask & 0o7777
+}
+
+impl MshareFuse {
+    /// Replies to an open: passthrough for thp/shmem, direct I/O for the rest.
+    fn finish_open(
+        &self,
+        ino: u64,
+        fh: u64,
+        backing: Option<std::os::fd::OwnedFd>,
+        store: Option<Store>,
+        reply: ReplyOpen,
+    ) {
+        match store {
+            Some(Store::Thp | Store::Shmem) if *self.core.passthrough.get().unwrap_or(&false) => {
+                let id = match backing {
+                    Some(fd) => match reply.open_backing(&fd) {
+                        Ok(id) => {
+                            let id = Arc::new(id);
+                            self.core.set_backing_id(ino, id.clone());
+                            Some(id)
+                        }
+                        Err(e) => {
+                            log::error!("passthrough of region {ino} refused: {e}");
+                            None
+                        }
+                    },
+                    None => self.core.backing_id(ino),
+                };
+                match id {
+                    Some(id) => reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id),
+                    None => {
+                        self.core.release(fh);
+                        reply.error(Errno::EIO)
+                    }
+                }
+            }
+            _ => reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO),
+        }
+    }
+}
+
+impl Filesystem for MshareFuse {
+    fn init(&mut self, _req: &Request, cfg: &mut KernelConfig) -> std::io::Result<()> {
+        let ok = cfg.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+            && cfg.set_max_stack_depth(1).is_ok();
+        if !ok {
+            log::warn!("kernel refused FUSE passthrough: thp and shmem regions cannot be mmapped");
+        }
+        let _ = self.core.passthrough.set(ok);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        reply_entry(
+            name_str(name).and_then(|n| self.core.lookup(parent.0, n)),
+            reply,
+        )
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.core.node(ino.0) {
+            Ok(n) => reply.attr(&TTL, &attr(&n)),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let core = &self.core;
+        let mut r = Ok(());
+        if let Some(s) = size {
+            r = core.set_size(ino.0, s);
+        }
+        if r.is_ok() && (mode.is_some() || uid.is_some() || gid.is_some()) {
+            r = core.set_owner_mode(ino.0, mode, uid, gid);
+        }
+        if r.is_ok() {
+            if let Some(t) = mtime {
+                let t = match t {
+                    TimeOrNow::SpecificTime(t) => t,
+                    TimeOrNow::Now => SystemTime::now(),
+                };
+                let secs = t
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs() as i64);
+                r = core.set_mtime(ino.0, secs);
+            }
+        }
+        match r.and_then(|()| core.node(ino.0)) {
+            Ok(n) => reply.attr(&TTL, &attr(&n)),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        _rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        // Only regular files (regions) exist here.
+        if mode & 0o170000 != 0o100000 {
+            return reply.error(Errno::EPERM);
+        }
+        let r = name_str(name).and_then(|n| {
+            self.core
+                .create_region(parent.0, n, mode_of(mode, umask), req.uid(), req.gid())
+        });
+        reply_entry(r, reply)
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let r = name_str(name).and_then(|n| {
+            self.core
+                .mkdir(parent.0, n, mode_of(mode, umask), req.uid(), req.gid())
+        });
+        reply_entry(r, reply)
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        reply_empty(
+            name_str(name).and_then(|n| self.core.unlink(parent.0, n)),
+            reply,
+        )
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        reply_empty(
+            name_str(name).and_then(|n| self.core.rmdir(parent.0, n)),
+            reply,
+        )
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let r = name_str(name).and_then(|a| {
+            name_str(newname)
+                .and_then(|b| self.core.rename(parent.0, a, newparent.0, b, flags.bits()))
+        });
+        reply_empty(r, reply)
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        match self.core.open(ino.0, flags.0 & consts::O_ACCMODE) {
+            Ok((fh, backing, store)) => self.finish_open(ino.0, fh, backing, store, reply),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let node = match name_str(name).and_then(|n| {
+            self.core
+                .create_region(parent.0, n, mode_of(mode, umask), req.uid(), req.gid())
+        }) {
+            Ok(n) => n,
+            Err(e) => return reply.error(err(e)),
+        };
+        let (fh, backing, store) = match self.core.open(node.ino, flags & consts::O_ACCMODE) {
+            Ok(x) => x,
+            Err(e) => return reply.error(err(e)),
+        };
+        let a = attr(&node);
+        let passthrough = *self.core.passthrough.get().unwrap_or(&false);
+        match (store, backing) {
+            (Some(Store::Thp | Store::Shmem), Some(fd)) if passthrough => {
+                match reply.open_backing(&fd) {
+                    Ok(id) => {
+                        let id = Arc::new(id);
+                        self.core.set_backing_id(node.ino, id.clone());
+                        reply.created_passthrough(
+                            &TTL,
+                            &a,
+                            Generation(0),
+                            FileHandle(fh),
+                            FopenFlags::empty(),
+                            &id,
+                        )
+                    }
+                    Err(e) => {
+                        log::error!("passthrough of new region {} refused: {e}", node.ino);
+                        self.core.release(fh);
+                        reply.error(Errno::EIO)
+                    }
+                }
+            }
+            _ => reply.created(
+                &TTL,
+                &a,
+                Generation(0),
+                FileHandle(fh),
+                FopenFlags::FOPEN_DIRECT_IO,
+            ),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        match self.core.read(ino.0, offset, size) {
+            Ok(d) => reply.data(&d),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        match self.core.write(ino.0, offset, data) {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lo: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok()
+    }
+
+    fn fsync(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _ds: bool, reply: ReplyEmpty) {
+        // Region data is memory: there is nothing to write back.
+        reply.ok()
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.core.release(fh.0);
+        reply.ok()
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.core.node(ino.0) {
+            Ok(n) if n.is_dir() => reply.opened(FileHandle(0), FopenFlags::empty()),
+            Ok(_) => reply.error(Errno::ENOTDIR),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let tree = self.core.tree();
+        let Some(dir) = tree.get(ino.0) else {
+            return reply.error(Errno::ENOENT);
+        };
+        if !dir.is_dir() {
+            return reply.error(Errno::ENOTDIR);
+        }
+        let mut entries: Vec<(u64, FileType, String)> = vec![
+            (dir.ino, FileType::Directory, ".".into()),
+            (dir.parent, FileType::Directory, "..".into()),
+        ];
+        for c in tree.children(ino.0) {
+            let t = if c.is_dir() {
+                FileType::Directory
+            } else {
+                FileType::RegularFile
+            };
+            entries.push((c.ino, t, c.name.clone()));
+        }
+        for (i, (ino, kind, name)) in entries.into_iter().enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(ino), (i + 1) as u64, kind, &name) {
+                break;
+            }
+        }
+        reply.ok()
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok()
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        // Capacity is the huge-page pool, in 2 MiB blocks.
+        let mi = kernel_glue::procfs::meminfo().unwrap_or_default();
+        let files = self.core.tree().nodes.len() as u64;
+        reply.statfs(
+            mi.huge_total,
+            mi.huge_free,
+            mi.huge_free,
+            files,
+            u32::MAX as u64,
+            kernel_glue::HUGE_PAGE_SIZE as u32,
+            crate::state::NAME_MAX as u32,
+            kernel_glue::HUGE_PAGE_SIZE as u32,
+        )
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        if name != OsStr::new(uapi::BACKING_XATTR) {
+            return reply.error(err(libc_errno::EOPNOTSUPP));
+        }
+        let v = std::str::from_utf8(value)
+            .unwrap_or("")
+            .trim_end_matches(['\0', '\n']);
+        let Some(b) = Backing::from_name(v) else {
+            return reply.error(Errno::EINVAL);
+        };
+        reply_empty(self.core.set_backing(ino.0, b, flags), reply)
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let node = match self.core.node(ino.0) {
+            Ok(n) => n,
+            Err(e) => return reply.error(err(e)),
+        };
+        let value = match (name == OsStr::new(uapi::BACKING_XATTR), node.region()) {
+            (true, Some(r)) => r.store.name().as_bytes().to_vec(),
+            _ => return reply.error(err(libc_errno::ENODATA)),
+        };
+        if size == 0 {
+            reply.size(value.len() as u32)
+        } else if (size as usize) < value.len() {
+            reply.error(err(libc_errno::ERANGE))
+        } else {
+            reply.data(&value)
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let node = match self.core.node(ino.0) {
+            Ok(n) => n,
+            Err(e) => return reply.error(err(e)),
+        };
+        let mut list = Vec::new();
+        if node.region().is_some() {
+            list.extend_from_slice(uapi::BACKING_XATTR.as_bytes());
+            list.push(0);
+        }
+        if size == 0 {
+            reply.size(list.len() as u32)
+        } else if (size as usize) < list.len() {
+            reply.error(err(libc_errno::ERANGE))
+        } else {
+            reply.data(&list)
+        }
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.core.node(ino.0) {
+            Ok(n) if n.region().is_some() && name == OsStr::new(uapi::BACKING_XATTR) => {
+                reply.error(err(libc_errno::EPERM))
+            }
+            Ok(_) => reply.error(err(libc_errno::ENODATA)),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        // The kernel checks permissions itself (default_permissions).
+        reply_empty(self.core.node(ino.0).map(|_| ()), reply)
+    }
+
+    fn ioctl(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: IoctlFlags,
+        cmd: u32,
+        in_data: &[u8],
+        out_size: u32,
+        reply: ReplyIoctl,
+    ) {
+        let r: FsResult<Vec<u8>> = (|| match cmd {
+            uapi::MSHAREFS_GET_INFO => {
+                if (out_size as usize) < std::mem::size_of::<uapi::MshareRegionInfo>() {
+                    return Err(libc_errno::EINVAL);
+                }
+                let info = self.core.region_info(ino.0)?;
+                Ok(crate::wire::info_bytes(&info))
+            }
+            uapi::MSHAREFS_CREATE_MAPPING => {
+                let req = crate::wire::parse_create(in_data)?;
+                self.writable(fh.0)?;
+                self.core.create_object(ino.0, &req).map(|()| Vec::new())
+            }
+            uapi::MSHAREFS_UNMAP => {
+                let req = crate::wire::parse_unmap(in_data)?;
+                self.writable(fh.0)?;
+                self.core.unmap_range(ino.0, &req).map(|()| Vec::new())
+            }
+            _ => Err(libc_errno::ENOTTY),
+        })();
+        match r {
+            Ok(out) => reply.ioctl(0, &out),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        // As in the kernel's msharefs: only fallocate(fd, 0, 0, size) sets the size.
+        let r = if mode != 0 {
+            Err(libc_errno::EOPNOTSUPP)
+        } else if offset != 0 {
+            Err(libc_errno::EINVAL)
+        } else {
+            self.core.set_size(ino.0, length)
+        };
+        reply_empty(r, reply)
+    }
+}
+
+impl MshareFuse {
+    /// Object ioctls change region contents: the handle must be open for writing, so a
+    /// read-only opener cannot discard other users' data.
+    fn writable(&self, fh: u64) -> FsResult<()> {
+        let h = self.core.handle(fh)?;
+        if h.write {
+            Ok(())
+        } else {
+            Err(kernel_glue::errnos::EBADF)
+        }
+    }
+}

@@ -1,0 +1,191 @@
+//! The `msharefs stat` report: regions, attached processes, cached table sets, and the
+//! page-table bytes attachers use against what 4 KiB pages would cost them.
+//!
+//! Attached processes come from the kernel: every process whose `/proc/PID/maps` has a
+//! mapping of the region's backing file or of its msharefs file (passthrough mappings show
+//! the msharefs file). Page-table bytes are computed from those mappings with the x86-64
+//! page-table geometry (see `pt_bytes`), because the kernel reports page tables per
+//! process (`VmPTE`), not per mapping.
+
+use serde::Serialize;
+
+use kernel_glue::PUD_SIZE;
+use kernel_glue::procfs;
+
+use crate::fs::Core;
+use crate::state::Store;
+
+/// One attached process.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Attached {
+    /// Process id.
+    pub pid: u32,
+    /// Command name.
+    pub comm: String,
+}
+
+/// One region's row.
+#[derive(Debug, Clone, Serialize)]
+pub struct RegionReport {
+    /// Path inside the mount.
+    pub path: String,
+    /// `hugetlb`, `thp` or `shmem`.
+    pub backing: &'static str,
+    /// Size in bytes (0 while unset).
+    pub size: u64,
+    /// Objects created by ioctl.
+    pub objects: usize,
+    /// Open msharefs handles.
+    pub open_handles: u32,
+    /// Processes that map the region (the daemon itself excluded).
+    pub attached: Vec<Attached>,
+    /// Host table sets cached (`rw`, `ro`).
+    pub tables_cached: Vec<&'static str>,
+    /// Bytes of the host read-write mapping populated so far.
+    pub populated: u64,
+    /// Page-table bytes the attachers use now for this region (computed).
+    pub pt_bytes: u64,
+    /// What the same attachers would use with 4 KiB pages (computed).
+    pub pt_bytes_4k_equivalent: u64,
+    /// `pt_bytes_4k_equivalent - pt_bytes`.
+    pub saving_bytes: u64,
+}
+
+/// Totals for the mount.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Totals {
+    /// Regions.
+    pub regions: usize,
+    /// Sum of region sizes.
+    pub size: u64,
+    /// Attached processes, counted per region.
+    pub attached: usize,
+    /// Sum of `pt_bytes`.
+    pub pt_bytes: u64,
+    /// Sum of `pt_bytes_4k_equivalent`.
+    pub pt_bytes_4k_equivalent: u64,
+    /// Sum of `saving_bytes`.
+    pub saving_bytes: u64,
+    /// Huge pages the daemon added to the pool for its regions.
+    pub pool_pages_added: u64,
+}
+
+/// The whole report (`msharefs stat --json` prints it).
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// Regions, in inode order.
+    pub regions: Vec<RegionReport>,
+    /// Totals.
+    pub totals: Totals,
+}
+
+/// Page-table bytes one process pays for a mapping of `len` bytes starting at `start`.
+///
+/// - hugetlb at a 1 GiB-aligned start: every whole GiB links a shared PMD page (0 bytes of
+///   its own); a partial last GiB needs a private PMD page (4 KiB).
+/// - hugetlb elsewhere, and thp: one PMD page (4 KiB) per GiB touched.
+/// - shmem: a PTE page (4 KiB) per 2 MiB plus the PMD pages.
+pub fn pt_bytes(store: Store, start: usize, len: u64) -> u64 {
+    let gibs = |s: u64, l: u64| ((s + l).div_ceil(PUD_SIZE)).saturating_sub(s / PUD_SIZE);
+    let start = start as u64;
+    match store {
+        Store::Hugetlb if start % PUD_SIZE == 0 => {
+            if len % PUD_SIZE == 0 {
+                0
+            } else {
+                4096
+            }
+        }
+        Store::Hugetlb | Store::Thp => 4096 * gibs(start, len),
+        Store::Shmem => pt_bytes_4k(start as usize, len),
+    }
+}
+
+/// Page-table bytes of a 4 KiB-page mapping: 8 bytes per page plus its PMD pages.
+pub fn pt_bytes_4k(start: usize, len: u64) -> u64 {
+    let start = start as u64;
+    let gibs = ((start + len).div_ceil(PUD_SIZE)).saturating_sub(start / PUD_SIZE);
+    len.div_ceil(4096) * 8 + 4096 * gibs
+}
+
+/// Builds the report.
+pub fn report(core: &Core) -> Report {
+    let tree = core.tree();
+    let me = std::process::id();
+    let fuse_dev = core.fuse_dev.get().copied();
+    let mut regions = Vec::new();
+    let mut totals = Totals::default();
+    for (node, r) in tree.regions() {
+        if node.orphan {
+            continue;
+        }
+        let mut files = Vec::new();
+        if let Some(id) = core.backing_identity(r.store, node.ino) {
+            files.push(id);
+        }
+        if let Some(dev) = fuse_dev {
+            files.push((dev, node.ino));
+        }
+        let mut attached = Vec::new();
+        let (mut pt, mut pt4k) = (0, 0);
+        for m in procfs::mappers_of(&files).unwrap_or_default() {
+            if m.pid == me {
+                continue;
+            }
+            for v in procfs::maps(m.pid).unwrap_or_default() {
+                if files.contains(&(v.dev, v.ino)) {
+                    let len = (v.end - v.start) as u64;
+                    pt += pt_bytes(r.store, v.start, len);
+                    pt4k += pt_bytes_4k(v.start, len);
+                }
+            }
+            attached.push(Attached {
+                pid: m.pid,
+                comm: m.comm,
+            });
+        }
+        let host = core.hostmm.stats(node.ino);
+        let row = RegionReport {
+            path: tree.path_of(node.ino),
+            backing: r.store.name(),
+            size: r.size,
+            objects: r.objects.len(),
+            open_handles: core.open_count(node.ino),
+            attached,
+            tables_cached: host.sets,
+            populated: host.populated,
+            pt_bytes: pt,
+            pt_bytes_4k_equivalent: pt4k,
+            saving_bytes: pt4k.saturating_sub(pt),
+        };
+        totals.regions += 1;
+        totals.size += row.size;
+        totals.attached += row.attached.len();
+        totals.pt_bytes += row.pt_bytes;
+        totals.pt_bytes_4k_equivalent += row.pt_bytes_4k_equivalent;
+        totals.saving_bytes += row.saving_bytes;
+        totals.pool_pages_added += r.pool_pages;
+        regions.push(row);
+    }
+    Report { regions, totals }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    const G: u64 = PUD_SIZE;
+
+    #[test]
+    fn page_table_geometry() {
+        assert_eq!(pt_bytes(Store::Hugetlb, G as usize, 4 * G), 0);
+        assert_eq!(pt_bytes(Store::Hugetlb, G as usize, G + (2 << 20)), 4096);
+        assert_eq!(
+            pt_bytes(Store::Hugetlb, (G + (2 << 20)) as usize, 2 * G),
+            3 * 4096
+        );
+        assert_eq!(pt_bytes(Store::Thp, G as usize, 2 * G), 2 * 4096);
+        // 4 KiB pages: 2 MiB of PTEs per GiB plus one PMD page.
+        assert_eq!(pt_bytes_4k(G as usize, G), (2 << 20) + 4096);
+        assert_eq!(pt_bytes(Store::Shmem, G as usize, G), (2 << 20) + 4096);
+    }
+}
