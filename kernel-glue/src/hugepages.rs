@@ -79,6 +79,17 @@ pub fn grow(pages: u64) -> Result<PoolGrant, PoolError> {
     if pages == 0 {
         return Ok(PoolGrant { pages: 0 });
     }
+    // Asking the kernel for more than the machine has makes it reclaim everything it can
+    // before failing: refuse what cannot fit up front.
+    let available = crate::procfs::meminfo()
+        .map(|m| m.mem_available / crate::HUGE_PAGE_SIZE)
+        .unwrap_or(u64::MAX);
+    if pages > available {
+        return Err(PoolError::Short {
+            wanted: pages,
+            got: 0,
+        });
+    }
     let _guard = lock()?;
     let before = nr_hugepages()?;
     let target = before.checked_add(pages).ok_or(PoolError::Short {

@@ -373,9 +373,10 @@ impl Core {
         self.persist(&inner)
     }
 
-    /// Sets a region's size, once, reserving its memory (see `Stores::reserve`).
-    /// Setting the size it already has is a no-op (so `O_TRUNC` of an unset region and
-    /// `truncate` to the current size work); any other second change is `EINVAL`.
+    /// Sets a region's size, once, reserving its memory (see `Stores::reserve`). The size
+    /// must be a positive multiple of the backing's page size. Setting the size a region
+    /// already has is a no-op; any other second change is `EINVAL` (regions never shrink,
+    /// so `O_TRUNC` of a sized region fails too).
     pub fn set_size(&self, ino: u64, size: u64) -> FsResult<()> {
         let store = {
             let mut inner = self.lock();
@@ -385,13 +386,16 @@ impl Core {
                 NodeKind::Dir => return Err(EISDIR),
                 NodeKind::Info => return Err(EPERM),
             };
+            if size == 0 {
+                return Err(EINVAL);
+            }
             if r.size == size {
                 return Ok(());
             }
             if r.size != 0 || inner.busy.contains(&ino) {
                 return Err(EINVAL);
             }
-            if size == 0 || size % r.store.page_size() != 0 || i64::try_from(size).is_err() {
+            if size % r.store.page_size() != 0 || i64::try_from(size).is_err() {
                 return Err(EINVAL);
             }
             let store = r.store;
