@@ -158,7 +158,7 @@ pub struct StatFs {
 impl StatFs {
     fn from_raw(s: &libc::statfs) -> Self {
         StatFs {
-            fs_type: s.f_type as i64,
+            fs_type: s.f_type,
             block_size: s.f_bsize as u64,
             blocks: s.f_blocks,
             blocks_free: s.f_bfree,

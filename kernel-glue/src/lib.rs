@@ -14,6 +14,7 @@ pub mod mapping;
 pub mod mount;
 pub mod process;
 pub mod procfs;
+pub mod shim_sys;
 pub mod socket;
 
 use std::io;

@@ -5,6 +5,8 @@
 //! - [`region`]: the Rust API (create, open, attach at a 1 GiB-aligned address, detach);
 //! - the C ABI (`mshare_*` functions, header `include/mshare.h`) is built on `region`.
 
+pub mod ffi;
+pub mod interpose;
 pub mod region;
 pub mod uapi;
 

@@ -13,12 +13,11 @@
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
 use kernel_glue::errnos::*;
 use kernel_glue::mapping::{Mapping, Protection};
-use kernel_glue::{consts, fd as kfd, socket};
+use kernel_glue::{consts, fd as kfd};
 
 use crate::uapi;
 
@@ -175,10 +174,17 @@ impl Region {
                 kind: Kind::Direct,
             });
         }
-        info(&fd).map_err(undo)?;
-        if backing != Backing::Default {
+        // msharefs picks the data path (FUSE passthrough or not) when a file is opened, and
+        // a backing cannot change under an open passthrough file: choose it with the new
+        // file closed, then open it again.
+        let fd = if backing == Backing::Default {
+            fd
+        } else {
+            drop(fd);
             kfd::setxattr(path, uapi::BACKING_XATTR, backing.name().as_bytes(), 0).map_err(undo)?;
-        }
+            kfd::open(path, consts::O_RDWR, 0).map_err(undo)?
+        };
+        info(&fd).map_err(undo)?;
         kfd::ftruncate(&fd, size).map_err(undo)?;
         Self::from_msharefs_fd(fd, true).map_err(undo)
     }
@@ -260,32 +266,12 @@ impl Region {
         }
         let mapping = match (&self.kind, self.backing) {
             (Kind::Msharefs { socket }, Backing::Hugetlb) => {
-                let backing = request_backing(socket, &self.fd, prot)?;
+                let backing = crate::interpose::request_backing(socket, self.fd.as_fd(), prot)?;
                 Mapping::map_aligned(&backing, self.size, prot, uapi::MSHARE_GRANULE)?
             }
             _ => Mapping::map_aligned(&self.fd, self.size, prot, uapi::MSHARE_GRANULE)?,
         };
         Ok(Attachment { mapping })
-    }
-}
-
-/// Asks the daemon for the backing of the region open as `region_fd`.
-fn request_backing(socket: &Path, region_fd: &OwnedFd, prot: Protection) -> io::Result<OwnedFd> {
-    let stream = UnixStream::connect(socket)?;
-    let req = match prot {
-        Protection::ReadWrite => uapi::ATTACH_WRITE,
-        Protection::ReadOnly => uapi::ATTACH_READ,
-    };
-    socket::send_with_fd(&stream, &[req], Some(region_fd))?;
-    let mut reply = [0u8; uapi::ATTACH_REPLY_LEN];
-    let (n, fd) = socket::recv_with_fd(&stream, &mut reply)?;
-    if n != uapi::ATTACH_REPLY_LEN {
-        return Err(kernel_glue::errno(EIO));
-    }
-    match (i32::from_ne_bytes(reply), fd) {
-        (0, Some(fd)) => Ok(fd),
-        (0, None) => Err(kernel_glue::errno(EIO)),
-        (e, _) => Err(kernel_glue::errno(e)),
     }
 }
 

@@ -182,7 +182,7 @@ impl Core {
             .tree
             .insert(parent, name, NodeKind::Dir, mode, uid, gid)?;
         self.persist(&inner)?;
-        Ok(inner.tree.get(ino).cloned().ok_or(EIO)?)
+        inner.tree.get(ino).cloned().ok_or(EIO)
     }
 
     /// Creates a region (size unset) on the mount's default store.
@@ -208,7 +208,7 @@ impl Core {
             return Err(errno_of(&e));
         }
         self.persist(&inner)?;
-        Ok(inner.tree.get(ino).cloned().ok_or(EIO)?)
+        inner.tree.get(ino).cloned().ok_or(EIO)
     }
 
     /// Ends a region: host mappings, backing file, pool pages, node.
@@ -309,11 +309,10 @@ impl Core {
             }
             match (&src.kind, &dst.kind) {
                 (_, NodeKind::Info) => return Err(EPERM),
-                (NodeKind::Dir, NodeKind::Dir) => {
-                    if inner.tree.children(dst.ino).next().is_some() {
-                        return Err(ENOTEMPTY);
-                    }
+                (NodeKind::Dir, NodeKind::Dir) if inner.tree.children(dst.ino).next().is_some() => {
+                    return Err(ENOTEMPTY);
                 }
+                (NodeKind::Dir, NodeKind::Dir) => {}
                 (NodeKind::Dir, _) => return Err(ENOTDIR),
                 (_, NodeKind::Dir) => return Err(EISDIR),
                 _ => {}
