@@ -94,6 +94,8 @@ pub struct MapsEntry {
     pub end: usize,
     /// Permission string (`rw-s`).
     pub perms: String,
+    /// File offset of `start`.
+    pub offset: u64,
     /// Device as `makedev(major, minor)`.
     pub dev: u64,
     /// Inode.
@@ -106,7 +108,7 @@ fn parse_maps_line(line: &str) -> Option<MapsEntry> {
     let mut it = line.split_ascii_whitespace();
     let (a, b) = it.next()?.split_once('-')?;
     let perms = it.next()?.to_string();
-    let _off = it.next()?;
+    let offset = u64::from_str_radix(it.next()?, 16).ok()?;
     let (maj, min) = it.next()?.split_once(':')?;
     let ino = it.next()?.parse().ok()?;
     let path = it.collect::<Vec<_>>().join(" ");
@@ -116,6 +118,7 @@ fn parse_maps_line(line: &str) -> Option<MapsEntry> {
         start: usize::from_str_radix(a, 16).ok()?,
         end: usize::from_str_radix(b, 16).ok()?,
         perms,
+        offset,
         dev: libc::makedev(maj, min),
         ino,
         path,
@@ -272,10 +275,11 @@ mod tests {
 
     #[test]
     fn parses_a_maps_line() {
-        let e = parse_maps_line("7f0000000000-7f0040000000 rw-s 00000000 00:2d 12345   /run/x y/z")
+        let e = parse_maps_line("7f0000000000-7f0040000000 rw-s 40000000 00:2d 12345   /run/x y/z")
             .unwrap();
         assert_eq!(e.start, 0x7f00_0000_0000);
         assert_eq!(e.ino, 12345);
+        assert_eq!(e.offset, 1 << 30);
         assert_eq!(e.dev, libc::makedev(0, 0x2d));
         assert_eq!(e.path, "/run/x y/z");
     }

@@ -69,8 +69,8 @@ fn handle(core: &Core, stream: UnixStream) {
         Err(EINVAL)
     } else {
         match (req[0], fd) {
-            (uapi::ATTACH_WRITE, Some(fd)) => attach(core, &fd, Protection::ReadWrite),
-            (uapi::ATTACH_READ, Some(fd)) => attach(core, &fd, Protection::ReadOnly),
+            (uapi::ATTACH_WRITE, Some(fd)) => attach(core, &stream, &fd, Protection::ReadWrite),
+            (uapi::ATTACH_READ, Some(fd)) => attach(core, &stream, &fd, Protection::ReadOnly),
             (_, None) => Err(EBADF),
             _ => Err(EINVAL),
         }
@@ -84,14 +84,15 @@ fn handle(core: &Core, stream: UnixStream) {
     }
 }
 
-fn attach(core: &Core, fd: &OwnedFd, prot: Protection) -> FsResult<OwnedFd> {
+fn attach(core: &Core, stream: &UnixStream, fd: &OwnedFd, prot: Protection) -> FsResult<OwnedFd> {
     let st = kfd::fstat(fd).map_err(|e| errno_of(&e))?;
     if Some(&st.dev) != core.fuse_dev.get() {
         // Not a file of this mount (or of an earlier, dead connection).
         return Err(EBADF);
     }
     let acc = kfd::fcntl_getfl(fd).map_err(|e| errno_of(&e))? & consts::O_ACCMODE;
-    core.attach_backing(st.ino, acc, prot)
+    let pid = socket::peer_cred(stream).map(|c| c.pid).unwrap_or(0);
+    core.attach_backing(st.ino, acc, prot, pid)
 }
 
 fn stat_reply(core: &Core, mut stream: UnixStream) {

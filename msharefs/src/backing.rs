@@ -152,8 +152,7 @@ impl Stores {
     /// shortage fails here rather than as a SIGBUS in an attacher later.
     ///
     /// - hugetlb: grows the pool by `size / 2 MiB` pages, sets the file size and maps it
-    ///   read-write at a 1 GiB-aligned address: the shared mapping reserves every page
-    ///   (the reservation stays with the file). The mapping becomes the host mapping.
+    ///   shared once, which reserves every page (the reservation stays with the file).
     /// - thp, shmem: sets the size and allocates every page with `fallocate`.
     ///
     /// On failure nothing stays allocated and the pool is as before.
@@ -166,18 +165,18 @@ impl Stores {
             Store::Hugetlb => {
                 let grant = hugepages::grow(size / kernel_glue::HUGE_PAGE_SIZE)?;
                 kfd::ftruncate(&fd, size)?;
-                match Mapping::map_aligned(&fd, size, Protection::ReadWrite, kernel_glue::PUD_SIZE)
+                // A shared hugetlb mapping reserves every page of the range, and the
+                // reservation stays with the file after the mapping is gone.
+                if let Err(e) =
+                    Mapping::map_aligned(&fd, size, Protection::ReadWrite, kernel_glue::PUD_SIZE)
                 {
-                    Ok(m) => Ok(Reserved {
-                        pool_pages: grant.into_raw(),
-                        host: Some(m),
-                    }),
-                    Err(e) => {
-                        let _ = kfd::ftruncate(&fd, 0);
-                        // The grant goes out of scope here and gives its pages back.
-                        Err(e)
-                    }
+                    let _ = kfd::ftruncate(&fd, 0);
+                    // The grant goes out of scope here and gives its pages back.
+                    return Err(e);
                 }
+                Ok(Reserved {
+                    pool_pages: grant.into_raw(),
+                })
             }
             Store::Thp | Store::Shmem => {
                 kfd::ftruncate(&fd, size)?;
@@ -185,10 +184,7 @@ impl Stores {
                     let _ = kfd::ftruncate(&fd, 0);
                     return Err(e);
                 }
-                Ok(Reserved {
-                    pool_pages: 0,
-                    host: None,
-                })
+                Ok(Reserved { pool_pages: 0 })
             }
         }
     }
@@ -210,6 +206,4 @@ impl Stores {
 pub struct Reserved {
     /// Huge pages added to the pool.
     pub pool_pages: u64,
-    /// The read-write host mapping of a hugetlb region (not yet populated).
-    pub host: Option<Mapping>,
 }

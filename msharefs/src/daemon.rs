@@ -214,7 +214,7 @@ fn run_daemon(mnt: &Path, opts: &MountOpts, notify: bool) -> std::io::Result<()>
     crate::attach::serve(core.clone(), &socket)?;
     shrinker::spawn(
         core.clone(),
-        shrinker::Policy {
+        crate::tablecache::Policy {
             table_budget: opts.table_budget,
             psi_threshold: opts.psi_threshold,
             grace: Duration::from_secs(1),

@@ -140,22 +140,16 @@ impl Core {
             .map(|(n, r)| (n.ino, r.size))
             .collect();
         for (ino, size) in hugetlb {
-            match self
-                .stores
-                .open_file(Store::Hugetlb, ino, true)
-                .and_then(|fd| {
-                    kernel_glue::mapping::Mapping::map_aligned(
-                        &fd,
-                        size,
-                        Protection::ReadWrite,
-                        kernel_glue::PUD_SIZE,
-                    )
-                }) {
-                Ok(m) => self.hostmm.install(ino, m),
-                Err(e) => log::error!("region {ino}: cannot map its backing again: {e}"),
+            if let Err(e) = self.hostmm.install(ino, size, &self.opener(ino)) {
+                log::error!("region {ino}: cannot map its backing again: {e}");
             }
         }
         let _ = self.persist(&inner);
+    }
+
+    /// Opens the hugetlb backing of `ino`, read-write or read-only: what the host mm maps.
+    fn opener(&self, ino: u64) -> impl Fn(bool) -> io::Result<OwnedFd> + '_ {
+        move |write| self.stores.open_file(Store::Hugetlb, ino, write)
     }
 
     // ---- names -------------------------------------------------------------------------
@@ -416,8 +410,11 @@ impl Core {
         };
         r.size = size;
         r.pool_pages = reserved.pool_pages;
-        if let Some(host) = reserved.host {
-            self.hostmm.install(ino, host);
+        if store == Store::Hugetlb {
+            // The memory is reserved; without host tables attaches still work, only slower.
+            if let Err(e) = self.hostmm.install(ino, size, &self.opener(ino)) {
+                log::error!("region {ino}: cannot build host tables: {e}");
+            }
         }
         inner.tree.touch(ino);
         self.persist(&inner)
@@ -583,15 +580,10 @@ impl Core {
         let n = (data.len() as u64).min(r.size - offset) as usize;
         let data = &data[..n];
         match r.store {
-            Store::Hugetlb => {
-                self.hostmm
-                    .ensure(ino, r.size, Protection::ReadWrite, |w| {
-                        self.stores.open_file(Store::Hugetlb, ino, w)
-                    })
-                    .map_err(|e| errno_of(&e))?;
-                let m = self.hostmm.rw_mapping(ino).ok_or(EIO)?;
-                m.write_at(offset, data).map_err(|e| errno_of(&e))?;
-            }
+            Store::Hugetlb => self
+                .hostmm
+                .write(ino, r.size, offset, data, &self.opener(ino))
+                .map_err(|e| errno_of(&e))?,
             Store::Thp | Store::Shmem => {
                 use std::os::unix::fs::FileExt;
                 let fd = self
@@ -662,14 +654,8 @@ impl Core {
         let (store, size) = (r.store, r.size);
         if store == Store::Hugetlb {
             self.hostmm
-                .ensure(ino, size, Protection::ReadWrite, |w| {
-                    self.stores.open_file(Store::Hugetlb, ino, w)
-                })
+                .populate(ino, size, req.region_offset, req.size, &self.opener(ino))
                 .map_err(|e| errno_of(&e))?;
-            if let Some(m) = self.hostmm.rw_mapping(ino) {
-                m.populate(req.region_offset, req.size)
-                    .map_err(|e| errno_of(&e))?;
-            }
         }
         if let Some(r) = inner.tree.get_mut(ino).and_then(Node::region_mut) {
             r.objects.insert(req.region_offset, req.size);
@@ -719,7 +705,14 @@ impl Core {
 
     /// Checks an attach request and returns the backing descriptor: `fd_ino` is the inode
     /// of the msharefs descriptor the client passed, `acc` its access mode.
-    pub fn attach_backing(&self, fd_ino: u64, acc: i32, prot: Protection) -> FsResult<OwnedFd> {
+    /// `pid` is the requesting process.
+    pub fn attach_backing(
+        &self,
+        fd_ino: u64,
+        acc: i32,
+        prot: Protection,
+        pid: u32,
+    ) -> FsResult<OwnedFd> {
         if prot == Protection::ReadWrite && acc != consts::O_RDWR {
             return Err(EACCES);
         }
@@ -736,9 +729,7 @@ impl Core {
         // The host set for this protection must exist before the client faults, so its
         // faults link the cached tables.
         self.hostmm
-            .ensure(fd_ino, r.size, prot, |w| {
-                self.stores.open_file(Store::Hugetlb, fd_ino, w)
-            })
+            .ensure(fd_ino, r.size, prot, Some(pid), &self.opener(fd_ino))
             .map_err(|e| errno_of(&e))?;
         self.stores
             .open_file(Store::Hugetlb, fd_ino, prot == Protection::ReadWrite)

@@ -1,5 +1,5 @@
-//! The host mm: for each hugetlb region, the daemon's own mappings of the backing at
-//! 1 GiB-aligned addresses, populated, one per protection set.
+//! The host mm: for each hugetlb region, the daemon's own mappings of the backing, one per
+//! 1 GiB slot and protection set, each at a 1 GiB-aligned address and populated.
 //!
 //! Why: the kernel shares a PMD page-table page between processes that map the same
 //! hugetlb file range at congruent addresses with identical VMA flags, but only if some
@@ -7,212 +7,370 @@
 //! build the tables before the first attacher arrives and keep them when the last one
 //! leaves, so every attach links one table per GiB instead of faulting 512 times.
 //!
-//! A read-write set (read-write descriptor, `PROT_READ|PROT_WRITE`) and a read-only set
-//! (read-only descriptor, `PROT_READ`) are kept apart because their VMA flags differ and
-//! the kernel shares tables only between equal flags. Releasing a set frees page tables
-//! only: region data lives in the backing file.
+//! The read-write set (read-write descriptor, `PROT_READ|PROT_WRITE`) and the read-only
+//! set (read-only descriptor, `PROT_READ`) are kept apart because their VMA flags differ
+//! and the kernel shares tables only between equal flags. Releasing a slot frees its page
+//! table only: region data lives in the backing file.
+//!
+//! Book-keeping (what is cached, when used, who is attached) is the plain model in
+//! `tablecache`; this module owns the mappings and keeps the model in step with them.
 
 use std::collections::HashMap;
 use std::io;
+use std::ops::Range;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
+use kernel_glue::PUD_SIZE;
 use kernel_glue::mapping::{Mapping, Protection};
 
-/// Population proceeds in chunks of this size, so progress is visible and a release can
-/// stop it.
+use crate::tablecache::{Policy, SlotKey, TableCache, slots_of};
+
+/// Population proceeds in chunks of this size, so progress is visible and a removed
+/// region stops being populated soon.
 const POPULATE_CHUNK: u64 = 64 << 20;
 
-/// One cached table set: a host mapping and its population state.
-#[derive(Debug)]
-struct TableSet {
+/// The part of a byte range that lies in one slot mapping.
+struct Piece {
     mapping: Arc<Mapping>,
-    populated: Arc<AtomicU64>,
-    cancel: Arc<AtomicBool>,
-    last_used: Instant,
+    /// Offset inside the mapping.
+    at: u64,
+    /// Offset inside the range.
+    from: u64,
+    len: u64,
 }
 
-impl TableSet {
-    fn new(mapping: Mapping) -> TableSet {
-        TableSet {
-            mapping: Arc::new(mapping),
-            populated: Arc::new(AtomicU64::new(0)),
-            cancel: Arc::new(AtomicBool::new(false)),
-            last_used: Instant::now(),
-        }
+/// Opens the region's backing read-write (`true`) or read-only.
+pub type Opener<'a> = &'a dyn Fn(bool) -> io::Result<OwnedFd>;
+
+#[derive(Debug)]
+struct RegionState {
+    size: u64,
+    /// Bytes of the read-write set populated by the background job.
+    populated: Arc<AtomicU64>,
+    /// Set when the region goes away: the background job stops.
+    cancel: Arc<AtomicBool>,
+}
+
+#[derive(Debug, Default)]
+struct Host {
+    model: TableCache,
+    maps: HashMap<SlotKey, Arc<Mapping>>,
+    regions: HashMap<u64, RegionState>,
+}
+
+/// What the host mm reports about one region.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostRegionStats {
+    /// Protection sets cached for every slot (`"rw"`, `"ro"`).
+    pub sets: Vec<&'static str>,
+    /// Slots of the region.
+    pub slots: u32,
+    /// Cached slots of the read-write set.
+    pub rw_slots_cached: u32,
+    /// Cached slots of the read-only set.
+    pub ro_slots_cached: u32,
+    /// Bytes of the read-write set populated by the background job.
+    pub populated: u64,
+}
+
+/// All host mappings of the daemon.
+#[derive(Debug, Default)]
+pub struct HostMm {
+    host: Mutex<Host>,
+}
+
+fn slot_range(size: u64, slot: u32) -> (u64, u64) {
+    let off = slot as u64 * PUD_SIZE;
+    (off, PUD_SIZE.min(size - off))
+}
+
+impl HostMm {
+    fn lock(&self) -> MutexGuard<'_, Host> {
+        // A panic elsewhere must not take the host mm down with it.
+        self.host.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Populates the whole mapping on a background thread.
-    fn populate_in_background(&self, ino: u64) {
-        let mapping = self.mapping.clone();
-        let done = self.populated.clone();
-        let cancel = self.cancel.clone();
+    /// Maps the missing slots of the `prot` set of a region (unpopulated).
+    fn map_missing(
+        host: &mut Host,
+        ino: u64,
+        size: u64,
+        prot: Protection,
+        open: Opener<'_>,
+    ) -> io::Result<Vec<Arc<Mapping>>> {
+        let mut fd = None;
+        let mut new = Vec::new();
+        let now = Instant::now();
+        for slot in 0..slots_of(size) {
+            let key = SlotKey { ino, slot, prot };
+            if host.maps.contains_key(&key) {
+                host.model.mark_used(key, now);
+                continue;
+            }
+            if fd.is_none() {
+                fd = Some(open(prot == Protection::ReadWrite)?);
+            }
+            let (off, len) = slot_range(size, slot);
+            let fd = fd
+                .as_ref()
+                .ok_or_else(|| kernel_glue::errno(kernel_glue::errnos::EIO))?;
+            let m = Arc::new(Mapping::map_range_aligned(fd, off, len, prot, PUD_SIZE)?);
+            host.maps.insert(key, m.clone());
+            host.model.mark_cached(key, now);
+            new.push(m);
+        }
+        Ok(new)
+    }
+
+    /// Builds the read-write set of a region whose size was just set and populates it on a
+    /// background thread (allocating and zeroing huge pages takes about a second per GiB).
+    ///
+    /// # Errors
+    /// Opening or mapping the backing.
+    pub fn install(&self, ino: u64, size: u64, open: Opener<'_>) -> io::Result<()> {
+        let mut host = self.lock();
+        let populated = Arc::new(AtomicU64::new(0));
+        let cancel = Arc::new(AtomicBool::new(false));
+        if let Some(old) = host.regions.insert(
+            ino,
+            RegionState {
+                size,
+                populated: populated.clone(),
+                cancel: cancel.clone(),
+            },
+        ) {
+            old.cancel.store(true, Ordering::Relaxed);
+        }
+        let maps = Self::map_missing(&mut host, ino, size, Protection::ReadWrite, open)?;
+        drop(host);
         let spawned = std::thread::Builder::new()
             .name(format!("populate-{ino}"))
             .spawn(move || {
-                let len = mapping.len() as u64;
                 let started = Instant::now();
-                let mut off = 0;
-                while off < len && !cancel.load(Ordering::Relaxed) {
-                    let n = POPULATE_CHUNK.min(len - off);
-                    if let Err(e) = mapping.populate(off, n) {
-                        log::error!("populating region {ino} at {off}: {e}");
-                        return;
+                let mut done = 0;
+                for m in maps {
+                    let len = m.len() as u64;
+                    let mut off = 0;
+                    while off < len {
+                        if cancel.load(Ordering::Relaxed) {
+                            return;
+                        }
+                        let n = POPULATE_CHUNK.min(len - off);
+                        if let Err(e) = m.populate(off, n) {
+                            log::error!("populating region {ino}: {e}");
+                            return;
+                        }
+                        off += n;
+                        done += n;
+                        populated.store(done, Ordering::Relaxed);
                     }
-                    off += n;
-                    done.store(off, Ordering::Relaxed);
                 }
+                populated.store(size, Ordering::Relaxed);
                 log::info!(
                     "region {ino}: host tables for {} MiB built in {:?}",
-                    off >> 20,
+                    size >> 20,
                     started.elapsed()
                 );
             });
         if let Err(e) = spawned {
             log::error!("cannot start population of region {ino}: {e}");
         }
-    }
-}
-
-impl Drop for TableSet {
-    fn drop(&mut self) {
-        self.cancel.store(true, Ordering::Relaxed);
-    }
-}
-
-fn slot(prot: Protection) -> usize {
-    match prot {
-        Protection::ReadWrite => 0,
-        Protection::ReadOnly => 1,
-    }
-}
-
-/// The table sets of one region.
-#[derive(Debug, Default)]
-struct HostRegion {
-    sets: [Option<TableSet>; 2],
-}
-
-/// What the host mm reports about one region.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct HostRegionStats {
-    /// Protection sets cached (`"rw"`, `"ro"`).
-    pub sets: Vec<&'static str>,
-    /// Bytes of the read-write set populated so far (progress of a new region).
-    pub populated: u64,
-    /// Seconds since a set of this region was last used by an attach.
-    pub idle_secs: u64,
-}
-
-/// All host mappings of the daemon.
-#[derive(Debug, Default)]
-pub struct HostMm {
-    regions: Mutex<HashMap<u64, HostRegion>>,
-}
-
-impl HostMm {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, HostRegion>> {
-        // A panic elsewhere must not take the host mm down with it.
-        self.regions.lock().unwrap_or_else(|p| p.into_inner())
+        Ok(())
     }
 
-    /// Adopts the read-write host mapping made when the region's size was set, and
-    /// populates it in the background.
-    pub fn install(&self, ino: u64, mapping: Mapping) {
-        let set = TableSet::new(mapping);
-        set.populate_in_background(ino);
-        self.lock().entry(ino).or_default().sets[0] = Some(set);
-    }
-
-    /// Makes sure the `prot` set of a region is cached, mapping `open(write)` when it is
-    /// not; marks it used. A set built here is populated before returning (pages already
-    /// exist, so this only builds tables: well under a millisecond per GiB).
+    /// Makes sure every slot of the `prot` set of a region is cached, mapping and
+    /// populating the missing ones now (the pages exist, so this only builds tables:
+    /// well under a millisecond per GiB); marks them used.
     ///
     /// # Errors
-    /// Opening or mapping the backing.
+    /// Opening, mapping or populating the backing.
+    ///
+    /// `attacher` is the process about to map the region (from the attach socket): it
+    /// counts as attached until the kernel's view replaces it, so the shrinker cannot
+    /// release the tables between this answer and the process's first fault.
     pub fn ensure(
         &self,
         ino: u64,
         size: u64,
         prot: Protection,
-        open: impl FnOnce(bool) -> io::Result<OwnedFd>,
+        attacher: Option<u32>,
+        open: Opener<'_>,
     ) -> io::Result<()> {
-        let mut regions = self.lock();
-        let region = regions.entry(ino).or_default();
-        if let Some(set) = &mut region.sets[slot(prot)] {
-            set.last_used = Instant::now();
-            return Ok(());
+        let mut host = self.lock();
+        host.regions.entry(ino).or_insert_with(|| RegionState {
+            size,
+            populated: Arc::new(AtomicU64::new(size)),
+            cancel: Arc::new(AtomicBool::new(false)),
+        });
+        for m in Self::map_missing(&mut host, ino, size, prot, open)? {
+            m.populate(0, m.len() as u64)?;
         }
-        let fd = open(prot == Protection::ReadWrite)?;
-        let mapping = Mapping::map_aligned(&fd, size, prot, kernel_glue::PUD_SIZE)?;
-        mapping.populate(0, size)?;
-        let set = TableSet::new(mapping);
-        set.populated.store(size, Ordering::Relaxed);
-        region.sets[slot(prot)] = Some(set);
-        log::debug!("region {ino}: rebuilt {prot:?} host tables");
+        if let Some(pid) = attacher {
+            let now = Instant::now();
+            for slot in 0..slots_of(size) {
+                host.model.attach(SlotKey { ino, slot, prot }, pid, now);
+            }
+        }
         Ok(())
     }
 
-    /// The read-write host mapping, if cached (for FUSE read/write and object population).
-    pub fn rw_mapping(&self, ino: u64) -> Option<Arc<Mapping>> {
-        let regions = self.lock();
-        regions.get(&ino)?.sets[0]
-            .as_ref()
-            .map(|s| s.mapping.clone())
-    }
-
-    /// Drops every cached set of a region (region removed, or shrinker).
-    pub fn release(&self, ino: u64) {
-        self.lock().remove(&ino);
-    }
-
-    /// Drops one cached set. Returns whether something was released.
-    pub fn release_set(&self, ino: u64, prot: Protection) -> bool {
-        let mut regions = self.lock();
-        let Some(r) = regions.get_mut(&ino) else {
-            return false;
-        };
-        let had = r.sets[slot(prot)].take().is_some();
-        if r.sets.iter().all(Option::is_none) {
-            regions.remove(&ino);
+    /// The read-write slot mappings covering `range` of a region, each with the part of
+    /// the range inside it.
+    fn rw_pieces(
+        &self,
+        ino: u64,
+        size: u64,
+        range: Range<u64>,
+        open: Opener<'_>,
+    ) -> io::Result<Vec<Piece>> {
+        self.ensure(ino, size, Protection::ReadWrite, None, open)?;
+        let host = self.lock();
+        let mut out = Vec::new();
+        let mut pos = range.start;
+        while pos < range.end {
+            let slot = (pos / PUD_SIZE) as u32;
+            let (soff, slen) = slot_range(size, slot);
+            let end = range.end.min(soff + slen);
+            let key = SlotKey {
+                ino,
+                slot,
+                prot: Protection::ReadWrite,
+            };
+            let m = host
+                .maps
+                .get(&key)
+                .ok_or_else(|| kernel_glue::errno(kernel_glue::errnos::EIO))?;
+            out.push(Piece {
+                mapping: m.clone(),
+                at: pos - soff,
+                from: pos - range.start,
+                len: end - pos,
+            });
+            pos = end;
         }
-        had
+        Ok(out)
+    }
+
+    /// Copies `data` into the region at `offset` through the read-write set (hugetlbfs has
+    /// no `write(2)`).
+    ///
+    /// # Errors
+    /// Mapping errors; `EINVAL` out of range.
+    pub fn write(
+        &self,
+        ino: u64,
+        size: u64,
+        offset: u64,
+        data: &[u8],
+        open: Opener<'_>,
+    ) -> io::Result<()> {
+        let end = offset.checked_add(data.len() as u64).filter(|&e| e <= size);
+        let end = end.ok_or_else(|| kernel_glue::errno(kernel_glue::errnos::EINVAL))?;
+        for p in self.rw_pieces(ino, size, offset..end, open)? {
+            let part = &data[p.from as usize..(p.from + p.len) as usize];
+            p.mapping.write_at(p.at, part)?;
+        }
+        Ok(())
+    }
+
+    /// Faults in `[offset, offset + len)` of a region (a new object).
+    ///
+    /// # Errors
+    /// Mapping or populate errors.
+    pub fn populate(
+        &self,
+        ino: u64,
+        size: u64,
+        offset: u64,
+        len: u64,
+        open: Opener<'_>,
+    ) -> io::Result<()> {
+        for p in self.rw_pieces(ino, size, offset..offset + len, open)? {
+            p.mapping.populate(p.at, p.len)?;
+        }
+        Ok(())
+    }
+
+    /// Drops every mapping of a region (it was removed).
+    pub fn release(&self, ino: u64) {
+        let mut host = self.lock();
+        if let Some(r) = host.regions.remove(&ino) {
+            r.cancel.store(true, Ordering::Relaxed);
+        }
+        host.maps.retain(|k, _| k.ino != ino);
+        host.model.remove_region(ino);
+    }
+
+    /// Regions with at least one cached slot, with their sizes.
+    pub fn cached_regions(&self) -> Vec<(u64, u64)> {
+        let host = self.lock();
+        let mut v: Vec<(u64, u64)> = host
+            .regions
+            .iter()
+            .filter(|(ino, _)| host.maps.keys().any(|k| k.ino == **ino))
+            .map(|(&ino, r)| (ino, r.size))
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Records what the kernel reports about who maps which slots of a region.
+    pub fn set_attached(&self, ino: u64, observed: &[(u32, Protection, Range<u32>)]) {
+        self.lock()
+            .model
+            .set_attached(ino, observed, Instant::now());
+    }
+
+    /// Releases the slots the policy picks; returns how many.
+    pub fn shrink(&self, policy: &Policy, pressure: f64) -> usize {
+        let mut host = self.lock();
+        let victims = host.model.victims(policy, pressure, Instant::now());
+        let mut n = 0;
+        for key in victims {
+            if host.model.mark_released(key).is_ok() && host.maps.remove(&key).is_some() {
+                log::info!(
+                    "shrinker: released {:?} host table of region {} slot {}",
+                    key.prot,
+                    key.ino,
+                    key.slot
+                );
+                n += 1;
+            }
+        }
+        debug_assert_eq!(host.model.check(), Ok(()));
+        n
+    }
+
+    /// Bytes of page tables the host mappings hold.
+    pub fn cached_bytes(&self) -> u64 {
+        self.lock().model.cached_bytes()
     }
 
     /// Report for one region.
     pub fn stats(&self, ino: u64) -> HostRegionStats {
-        let regions = self.lock();
-        let Some(r) = regions.get(&ino) else {
+        let host = self.lock();
+        let Some(r) = host.regions.get(&ino) else {
             return HostRegionStats::default();
         };
-        let mut out = HostRegionStats::default();
-        let mut newest: Option<Instant> = None;
-        for (i, name) in ["rw", "ro"].into_iter().enumerate() {
-            if let Some(s) = &r.sets[i] {
-                out.sets.push(name);
-                newest = Some(newest.map_or(s.last_used, |n| n.max(s.last_used)));
-            }
+        let slots = slots_of(r.size);
+        let rw = host.model.cached_slots(ino, Protection::ReadWrite);
+        let ro = host.model.cached_slots(ino, Protection::ReadOnly);
+        let mut sets = Vec::new();
+        if slots > 0 && rw == slots {
+            sets.push("rw");
         }
-        if let Some(s) = &r.sets[0] {
-            out.populated = s.populated.load(Ordering::Relaxed);
+        if slots > 0 && ro == slots {
+            sets.push("ro");
         }
-        out.idle_secs = newest.map_or(0, |n| n.elapsed().as_secs());
-        out
-    }
-
-    /// Cached sets as `(ino, prot, last_used)`, for the shrinker.
-    pub fn cached(&self) -> Vec<(u64, Protection, Instant)> {
-        let regions = self.lock();
-        let mut out = Vec::new();
-        for (&ino, r) in regions.iter() {
-            for prot in [Protection::ReadWrite, Protection::ReadOnly] {
-                if let Some(s) = &r.sets[slot(prot)] {
-                    out.push((ino, prot, s.last_used));
-                }
-            }
+        HostRegionStats {
+            sets,
+            slots,
+            rw_slots_cached: rw,
+            ro_slots_cached: ro,
+            populated: r.populated.load(Ordering::Relaxed),
         }
-        out
     }
 }

@@ -1,76 +1,21 @@
-//! The shrinker: releases cached host table sets of regions nobody has attached, least
-//! recently used first, when the cached tables exceed the table budget or memory pressure
-//! (PSI) passes a threshold. Releasing a set unmaps the daemon's host mapping: the kernel
-//! frees the page tables, the data stays in the backing file, and the next attach builds
-//! the set again.
-//!
-//! `pick_victims` is the policy, a pure function with unit tests; `run` applies it to the
-//! live host mm once a second.
+//! The shrinker: once a second, refreshes from the kernel which processes map which slots
+//! of each region (`/proc/PID/maps` entries of the backing file; open msharefs handles
+//! count as attached to every slot), then releases cached host slots nobody is attached
+//! to, least recently used first, while the cached tables exceed the table budget, or all
+//! of them when memory pressure (PSI) passes its threshold. The choice is the model's
+//! (`tablecache::TableCache::victims`). Releasing a slot unmaps the daemon's host mapping:
+//! the kernel frees the page table, the data stays in the backing file, and the next
+//! attach builds it again.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kernel_glue::mapping::Protection;
 use kernel_glue::{PUD_SIZE, procfs};
 
 use crate::fs::Core;
 use crate::state::Store;
-
-/// A cached table set as the policy sees it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Candidate {
-    /// Region inode.
-    pub ino: u64,
-    /// Protection set.
-    pub prot: Protection,
-    /// Page-table bytes the set holds (one PMD page per GiB).
-    pub table_bytes: u64,
-    /// Last use by an attach.
-    pub last_used: Instant,
-    /// Processes attached to the region now (sets of attached regions are never released).
-    pub attached: usize,
-}
-
-/// Settings of the shrinker.
-#[derive(Debug, Clone, Copy)]
-pub struct Policy {
-    /// Most bytes of idle cached tables to keep; `Some(0)` caches nothing idle.
-    pub table_budget: Option<u64>,
-    /// PSI `some avg10` percentage above which every idle set is released.
-    pub psi_threshold: f64,
-    /// A set used this recently is not idle (an attacher between the daemon's answer and
-    /// its first fault must still find the tables).
-    pub grace: Duration,
-}
-
-/// The sets to release, in release order: idle sets (no attachers, unused for `grace`),
-/// least recently used first, until the idle cached bytes fit the budget; all idle sets
-/// under memory pressure.
-pub fn pick_victims(
-    mut sets: Vec<Candidate>,
-    policy: &Policy,
-    pressure: f64,
-    now: Instant,
-) -> Vec<Candidate> {
-    sets.retain(|c| c.attached == 0 && now.saturating_duration_since(c.last_used) >= policy.grace);
-    sets.sort_by_key(|c| c.last_used);
-    if pressure > policy.psi_threshold {
-        return sets;
-    }
-    let Some(budget) = policy.table_budget else {
-        return Vec::new();
-    };
-    let mut cached: u64 = sets.iter().map(|c| c.table_bytes).sum();
-    let mut out = Vec::new();
-    for c in sets {
-        if cached <= budget {
-            break;
-        }
-        cached -= c.table_bytes;
-        out.push(c);
-    }
-    out
-}
+use crate::tablecache::{Policy, slots_of};
 
 /// Runs the shrinker every second on a background thread.
 pub fn spawn(core: Arc<Core>, policy: Policy) {
@@ -87,88 +32,53 @@ pub fn spawn(core: Arc<Core>, policy: Policy) {
     }
 }
 
-/// One pass of the shrinker over the live host mm.
-pub fn shrink_once(core: &Core, policy: &Policy) {
-    let cached = core.hostmm.cached();
-    if cached.is_empty() {
-        return;
-    }
-    let tree = core.tree();
+/// Who maps which slots of a region, from the kernel: `(pid, protection, slots)`.
+pub fn observed_attachments(
+    core: &Core,
+    ino: u64,
+    size: u64,
+) -> Vec<(u32, Protection, std::ops::Range<u32>)> {
     let me = std::process::id();
-    let mut sets = Vec::new();
-    for (ino, prot, last_used) in cached {
-        let Some(r) = tree.get(ino).and_then(|n| n.region()) else {
-            continue;
-        };
-        let attached = core
-            .backing_identity(Store::Hugetlb, ino)
-            .and_then(|id| procfs::mappers_of(&[id]).ok())
-            .map_or(0, |m| m.iter().filter(|p| p.pid != me).count());
-        sets.push(Candidate {
-            ino,
-            prot,
-            table_bytes: 4096 * r.size.div_ceil(PUD_SIZE),
-            last_used,
-            attached: attached + core.open_count(ino) as usize,
-        });
-    }
-    let pressure = procfs::memory_pressure().map_or(0.0, |p| p.some_avg10);
-    for v in pick_victims(sets, policy, pressure, Instant::now()) {
-        if core.hostmm.release_set(v.ino, v.prot) {
-            log::info!(
-                "shrinker: released {:?} host tables of region {} ({} bytes)",
-                v.prot,
-                v.ino,
-                v.table_bytes
-            );
+    let mut out = Vec::new();
+    if let Some(id) = core.backing_identity(Store::Hugetlb, ino) {
+        for m in procfs::mappers_of(&[id]).unwrap_or_default() {
+            if m.pid == me {
+                continue;
+            }
+            for v in procfs::maps(m.pid).unwrap_or_default() {
+                if (v.dev, v.ino) != id {
+                    continue;
+                }
+                let prot = if v.perms.as_bytes().get(1) == Some(&b'w') {
+                    Protection::ReadWrite
+                } else {
+                    Protection::ReadOnly
+                };
+                let first = (v.offset / PUD_SIZE) as u32;
+                let last = (v.offset + (v.end - v.start) as u64).div_ceil(PUD_SIZE) as u32;
+                out.push((m.pid, prot, first..last));
+            }
         }
     }
+    if core.open_count(ino) > 0 {
+        // An open handle is about to attach: keep both sets of every slot.
+        for prot in [Protection::ReadWrite, Protection::ReadOnly] {
+            out.push((0, prot, 0..slots_of(size)));
+        }
+    }
+    out
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn c(ino: u64, age: u64, attached: usize, now: Instant) -> Candidate {
-        Candidate {
-            ino,
-            prot: Protection::ReadWrite,
-            table_bytes: 4096,
-            last_used: now - Duration::from_secs(age),
-            attached,
-        }
+/// One pass of the shrinker over the live host mm.
+pub fn shrink_once(core: &Core, policy: &Policy) {
+    let regions = core.hostmm.cached_regions();
+    if regions.is_empty() {
+        return;
     }
-
-    fn policy(budget: Option<u64>) -> Policy {
-        Policy {
-            table_budget: budget,
-            psi_threshold: 10.0,
-            grace: Duration::from_secs(1),
-        }
+    for (ino, size) in regions {
+        let observed = observed_attachments(core, ino, size);
+        core.hostmm.set_attached(ino, &observed);
     }
-
-    #[test]
-    fn lru_until_within_budget_and_never_attached() {
-        let now = Instant::now() + Duration::from_secs(100);
-        let sets = vec![
-            c(1, 5, 0, now),
-            c(2, 50, 0, now),
-            c(3, 90, 1, now),
-            c(4, 20, 0, now),
-        ];
-        let v = pick_victims(sets.clone(), &policy(Some(4096)), 0.0, now);
-        assert_eq!(v.iter().map(|c| c.ino).collect::<Vec<_>>(), vec![2, 4]);
-        let v = pick_victims(sets.clone(), &policy(Some(0)), 0.0, now);
-        assert_eq!(v.iter().map(|c| c.ino).collect::<Vec<_>>(), vec![2, 4, 1]);
-        assert!(pick_victims(sets.clone(), &policy(None), 0.0, now).is_empty());
-        let v = pick_victims(sets, &policy(None), 50.0, now);
-        assert_eq!(v.len(), 3);
-    }
-
-    #[test]
-    fn grace_period_protects_fresh_sets() {
-        let now = Instant::now() + Duration::from_secs(100);
-        let v = pick_victims(vec![c(1, 0, 0, now)], &policy(Some(0)), 0.0, now);
-        assert!(v.is_empty());
-    }
+    let pressure = procfs::memory_pressure().map_or(0.0, |p| p.some_avg10);
+    core.hostmm.shrink(policy, pressure);
 }

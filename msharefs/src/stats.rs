@@ -39,8 +39,14 @@ pub struct RegionReport {
     pub open_handles: u32,
     /// Processes that map the region (the daemon itself excluded).
     pub attached: Vec<Attached>,
-    /// Host table sets cached (`rw`, `ro`).
+    /// Host table sets cached for every slot (`rw`, `ro`).
     pub tables_cached: Vec<&'static str>,
+    /// 1 GiB slots of the region.
+    pub slots: u32,
+    /// Cached slots of the read-write set.
+    pub rw_slots_cached: u32,
+    /// Cached slots of the read-only set.
+    pub ro_slots_cached: u32,
     /// Bytes of the host read-write mapping populated so far.
     pub populated: u64,
     /// Page-table bytes the attachers use now for this region (computed).
@@ -68,6 +74,8 @@ pub struct Totals {
     pub saving_bytes: u64,
     /// Huge pages the daemon added to the pool for its regions.
     pub pool_pages_added: u64,
+    /// Page-table bytes held by the daemon's cached host mappings.
+    pub tables_cached_bytes: u64,
 }
 
 /// The whole report (`msharefs stat --json` prints it).
@@ -153,6 +161,9 @@ pub fn report(core: &Core) -> Report {
             open_handles: core.open_count(node.ino),
             attached,
             tables_cached: host.sets,
+            slots: host.slots,
+            rw_slots_cached: host.rw_slots_cached,
+            ro_slots_cached: host.ro_slots_cached,
             populated: host.populated,
             pt_bytes: pt,
             pt_bytes_4k_equivalent: pt4k,
@@ -167,6 +178,7 @@ pub fn report(core: &Core) -> Report {
         totals.pool_pages_added += r.pool_pages;
         regions.push(row);
     }
+    totals.tables_cached_bytes = core.hostmm.cached_bytes();
     Report { regions, totals }
 }
 
