@@ -22,6 +22,7 @@ mod paths;
 mod shrinker;
 mod state;
 mod stats;
+mod tablecache;
 mod wire;
 
 use std::path::PathBuf;
