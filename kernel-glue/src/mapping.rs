@@ -93,13 +93,71 @@ impl Mapping {
         prot: Protection,
         align: u64,
     ) -> io::Result<Mapping> {
+        Self::map_aligned_shifted(fd, len, prot, align, 0)
+    }
+
+    /// Like [`Mapping::map_aligned`], but places the mapping `shift` bytes past a multiple
+    /// of `align`: the address is congruent to `shift` modulo `align`. Tests and benchmarks
+    /// use it to map a hugetlb file deliberately out of step with the 1 GiB granule, the
+    /// case in which the kernel cannot share PMD tables.
+    ///
+    /// # Errors
+    /// As [`Mapping::map_aligned`]; also `EINVAL` when `shift` is not a multiple of the
+    /// page size or not smaller than `align`. The kernel refuses (`EINVAL`) a hugetlb
+    /// mapping whose address is not a multiple of the huge page size.
+    pub fn map_aligned_shifted(
+        fd: impl AsFd,
+        len: u64,
+        prot: Protection,
+        align: u64,
+        shift: u64,
+    ) -> io::Result<Mapping> {
+        Self::map_inner(fd.as_fd(), 0, len, prot, align, shift)
+    }
+
+    /// Maps `len` bytes of `fd` starting at file offset `offset` (a multiple of `align`,
+    /// so the address stays congruent to the offset modulo `align`, the condition for
+    /// hugetlb PMD sharing) at an `align`-aligned address. The daemon maps regions one
+    /// 1 GiB slot at a time with it.
+    ///
+    /// # Errors
+    /// As [`Mapping::map_aligned`]; `EINVAL` when `offset` is not a multiple of `align`.
+    pub fn map_range_aligned(
+        fd: impl AsFd,
+        offset: u64,
+        len: u64,
+        prot: Protection,
+        align: u64,
+    ) -> io::Result<Mapping> {
+        if align == 0 || offset % align != 0 {
+            return Err(crate::errno(libc::EINVAL));
+        }
+        Self::map_inner(fd.as_fd(), offset, len, prot, align, 0)
+    }
+
+    fn map_inner(
+        fd: std::os::fd::BorrowedFd<'_>,
+        offset: u64,
+        len: u64,
+        prot: Protection,
+        align: u64,
+        shift: u64,
+    ) -> io::Result<Mapping> {
+        let offset = libc::off_t::try_from(offset).map_err(|_| crate::errno(libc::EINVAL))?;
         if len == 0 || !align.is_power_of_two() || align < crate::PAGE_SIZE {
+            return Err(crate::errno(libc::EINVAL));
+        }
+        if shift % crate::PAGE_SIZE != 0 || shift >= align {
             return Err(crate::errno(libc::EINVAL));
         }
         let len = usize::try_from(len).map_err(|_| crate::errno(libc::EINVAL))?;
         let align = usize::try_from(align).map_err(|_| crate::errno(libc::EINVAL))?;
+        // `shift < align`, which fits a usize.
+        let shift = shift as usize;
+        // The reservation holds `len` bytes starting at any aligned address plus `shift`.
         let span = len
             .checked_add(align)
+            .and_then(|s| s.checked_add(shift))
             .ok_or_else(|| crate::errno(libc::ENOMEM))?;
         // SAFETY: a fresh anonymous PROT_NONE reservation at a kernel-chosen address
         // touches no existing mapping.
@@ -117,7 +175,8 @@ impl Mapping {
             return Err(io::Error::last_os_error());
         }
         let base = base as usize;
-        let addr = (base + align - 1) & !(align - 1);
+        // addr + len <= base + align - 1 + shift + len < base + span.
+        let addr = ((base + align - 1) & !(align - 1)) + shift;
         // SAFETY: [addr, addr + len) lies inside the reservation we own, so MAP_FIXED
         // replaces only our own PROT_NONE pages.
         let got = unsafe {
@@ -126,8 +185,8 @@ impl Mapping {
                 len,
                 prot.bits(),
                 libc::MAP_SHARED | libc::MAP_FIXED,
-                fd.as_fd().as_raw_fd(),
-                0,
+                fd.as_raw_fd(),
+                offset,
             )
         };
         if got == libc::MAP_FAILED {
@@ -311,6 +370,42 @@ mod tests {
         let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
         let start = format!("{:x}-{:x} ", m.addr(), m.addr() + m.len());
         assert!(maps.contains(&start), "{start} not in maps");
+    }
+
+    #[test]
+    fn shifted_mapping_is_congruent_to_the_shift() {
+        let fd = crate::fd::memfd_create("kg-map", false).unwrap();
+        crate::fd::ftruncate(&fd, 4 << 20).unwrap();
+        let shift = crate::HUGE_PAGE_SIZE;
+        let m = Mapping::map_aligned_shifted(
+            &fd,
+            4 << 20,
+            Protection::ReadWrite,
+            crate::PUD_SIZE,
+            shift,
+        )
+        .unwrap();
+        assert_eq!(m.addr() as u64 % crate::PUD_SIZE, shift);
+        // Mapped from file offset 0.
+        m.store_u64(0, 0xabcd).unwrap();
+        let mut buf = [0u8; 8];
+        crate::fd::pread_full(&fd, &mut buf, 0).unwrap();
+        assert_eq!(u64::from_ne_bytes(buf), 0xabcd);
+        let pid = std::process::id();
+        let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+        let start = format!("{:x}-{:x} ", m.addr(), m.addr() + m.len());
+        assert!(maps.contains(&start), "{start} not in maps");
+        for bad_shift in [100, crate::PUD_SIZE, crate::PUD_SIZE + 4096] {
+            let e = Mapping::map_aligned_shifted(
+                &fd,
+                4 << 20,
+                Protection::ReadOnly,
+                crate::PUD_SIZE,
+                bad_shift,
+            )
+            .unwrap_err();
+            assert_eq!(e.raw_os_error(), Some(libc::EINVAL), "shift {bad_shift}");
+        }
     }
 
     #[test]
