@@ -85,7 +85,8 @@ fn v3_sequence(backing: &str) {
     kfd::ftruncate(&fd, size).unwrap();
     assert_eq!(kfd::fstat(&fd).unwrap().size, size);
     create_object(&fd, anon_object(0, 4 * MIB)).unwrap();
-    let m = Mapping::map_aligned(&fd, size, Protection::ReadWrite, 4096).unwrap();
+    // 2 MiB-aligned, so a thp region can be mapped with huge pages.
+    let m = Mapping::map_aligned(&fd, size, Protection::ReadWrite, 2 * MIB).unwrap();
     m.store_u64(0, 0xC0FFEE).unwrap();
 
     // Attacher: a separate process.
@@ -111,8 +112,8 @@ fn v3_sequence(backing: &str) {
         m.populate(0, size).unwrap();
         let pmd = msharefs_tests::smaps::field(std::process::id(), m.addr(), "ShmemPmdMapped")
             .unwrap();
-        loud(&format!("thp region: ShmemPmdMapped {pmd} kB of {} kB", size >> 10));
-        assert!(pmd > 0, "thp region is not PMD-mapped");
+        loud(&format!("thp region: ShmemPmdMapped {} of {} MiB", pmd >> 20, size >> 20));
+        assert_eq!(pmd, size, "thp region is not fully PMD-mapped");
     }
     drop(m);
     std::fs::remove_file(&path).unwrap();
@@ -298,9 +299,17 @@ fn kill9_of_the_daemon_loses_nothing() {
     holder.finish().unwrap();
 }
 
+/// The system's Python, which other users can run (a per-user install under /root is not
+/// reachable for them); `.ci/run` installs it.
+const SYSTEM_PYTHON: &str = "/usr/bin/python3";
+
 fn as_nobody(script: &str, args: &[&str]) -> String {
+    assert!(
+        Path::new(SYSTEM_PYTHON).exists(),
+        "{SYSTEM_PYTHON} is missing (apt-get install python3)"
+    );
     let out = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "python3", "-c", script])
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", SYSTEM_PYTHON, "-c", script])
         .args(args)
         .output()
         .expect("setpriv");
@@ -342,10 +351,10 @@ fn permissions_are_enforced_for_other_users() {
     let m = Mapping::map_aligned(&fd, 4 * MIB, Protection::ReadWrite, 4096).unwrap();
     m.write_at(0, b"root").unwrap();
     let ps = p.to_str().unwrap();
-    // 0600: nothing at all.
+    // 0600: nothing at all (unlink: EPERM, the root directory is sticky).
     assert_eq!(
         as_nobody(PY_ACCESS, &[ps]),
-        "EACCES EACCES EACCES EACCES EACCES EACCES"
+        "EACCES EACCES EACCES EACCES EACCES EPERM"
     );
     // 0644: read and read-only mappings; no writes, no resize, no unlink (sticky root).
     std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();

@@ -50,31 +50,37 @@ fn hugetlb_available() -> bool {
     fs.contains("hugetlbfs") && hugepages::grow(1).is_ok()
 }
 
-/// Unmounts a dead FUSE mount left by a killed daemon; refuses a live msharefs.
+/// Whether the FUSE mount at `mnt` lost its daemon. `statfs` always asks the daemon
+/// (unlike `stat`, which the kernel may answer from its attribute cache), so a dead
+/// connection answers `ENOTCONN`.
+fn is_dead_fuse(mnt: &Path) -> bool {
+    matches!(kfd::statfs(mnt), Err(e) if e.raw_os_error() == Some(ENOTCONN))
+}
+
+/// Unmounts a dead FUSE mount left by a killed daemon; refuses a live one.
 fn clear_mountpoint(mnt: &Path, state: &StateDir) -> std::io::Result<()> {
-    match kfd::stat(mnt) {
-        Err(e) if e.raw_os_error() == Some(ENOTCONN) => {
-            log::warn!("{}: cleaning up the mount of a dead daemon", mnt.display());
-            mount::umount2(mnt, true)?;
-        }
-        Err(e) => return Err(fail(format!("{}: {e}", mnt.display()))),
-        Ok(st) if st.mode & 0o170000 != 0o040000 => {
-            return Err(fail(format!("{}: not a directory", mnt.display())));
-        }
-        Ok(_) => {}
-    }
     if let Some(m) = mount::mount_at(mnt)? {
         if m.fstype.starts_with("fuse") {
-            if let Some(pid) = state.running_pid() {
+            if is_dead_fuse(mnt) {
+                log::warn!("{}: cleaning up the mount of a dead daemon", mnt.display());
+                mount::umount2(mnt, true)?;
+            } else if let Some(pid) = state.running_pid() {
                 return Err(fail(format!(
                     "{} is already mounted by msharefs (pid {pid})",
                     mnt.display()
                 )));
+            } else {
+                return Err(fail(format!("{} is already a FUSE mount", mnt.display())));
             }
-            return Err(fail(format!("{} is already a FUSE mount", mnt.display())));
         }
     }
-    Ok(())
+    match kfd::stat(mnt) {
+        Err(e) => Err(fail(format!("{}: {e}", mnt.display()))),
+        Ok(st) if st.mode & 0o170000 != 0o040000 => {
+            Err(fail(format!("{}: not a directory", mnt.display())))
+        }
+        Ok(_) => Ok(()),
+    }
 }
 
 /// `msharefs mount`: in the background (default) it starts the daemon and returns once
