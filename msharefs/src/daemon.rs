@@ -75,6 +75,8 @@ fn clear_mountpoint(mnt: &Path, state: &StateDir) -> std::io::Result<()> {
         }
     }
     match kfd::stat(mnt) {
+        // Like `mkdir -p`: a fresh machine has no /mnt/mshare yet.
+        Err(e) if e.raw_os_error() == Some(ENOENT) => std::fs::create_dir_all(mnt),
         Err(e) => Err(fail(format!("{}: {e}", mnt.display()))),
         Ok(st) if st.mode & 0o170000 != 0o040000 => {
             Err(fail(format!("{}: not a directory", mnt.display())))
