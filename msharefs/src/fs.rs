@@ -35,6 +35,17 @@ pub fn info_text() -> String {
     format!("{}\n", uapi::MSHARE_GRANULE)
 }
 
+/// Checks an object range of an ioctl against a region (size set, non-empty, page-aligned,
+/// inside the region, no overflow); returns its end.
+fn object_range(r: &RegionMeta, offset: u64, size: u64) -> FsResult<u64> {
+    let page = r.store.page_size();
+    let end = offset.checked_add(size).ok_or(EINVAL)?;
+    if r.size == 0 || size == 0 || end > r.size || offset % page != 0 || size % page != 0 {
+        return Err(EINVAL);
+    }
+    Ok(end)
+}
+
 /// An open file handle.
 #[derive(Debug, Clone, Copy)]
 pub struct Handle {
@@ -619,7 +630,8 @@ impl Core {
         Ok(info)
     }
 
-    /// `MSHAREFS_CREATE_MAPPING`: an anonymous shared object, reserved and populated.
+    /// `MSHAREFS_CREATE_MAPPING`: an anonymous shared object, reserved and populated. The
+    /// flags are checked before the range, as the kernel does.
     pub fn create_object(&self, ino: u64, req: &uapi::MshareCreate) -> FsResult<()> {
         let mut inner = self.lock();
         let node = inner.tree.get(ino).ok_or(ENOENT)?;
@@ -639,11 +651,7 @@ impl Core {
         if prot & !(consts::PROT_READ | consts::PROT_WRITE | consts::PROT_EXEC) != 0 {
             return Err(EINVAL);
         }
-        let page = r.store.page_size();
-        let end = req.region_offset.checked_add(req.size).ok_or(EINVAL)?;
-        if req.size == 0 || end > r.size || req.region_offset % page != 0 || req.size % page != 0 {
-            return Err(EINVAL);
-        }
+        let end = object_range(r, req.region_offset, req.size)?;
         let overlaps = r
             .objects
             .iter()
@@ -669,14 +677,7 @@ impl Core {
         let mut inner = self.lock();
         let node = inner.tree.get(ino).ok_or(ENOENT)?;
         let r = node.region().ok_or(ENOTTY)?;
-        if r.size == 0 {
-            return Err(EINVAL);
-        }
-        let page = r.store.page_size();
-        let end = req.region_offset.checked_add(req.size).ok_or(EINVAL)?;
-        if req.size == 0 || end > r.size || req.region_offset % page != 0 || req.size % page != 0 {
-            return Err(EINVAL);
-        }
+        let end = object_range(r, req.region_offset, req.size)?;
         let store = r.store;
         self.stores
             .discard(store, ino, req.region_offset, req.size)

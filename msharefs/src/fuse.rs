@@ -99,6 +99,13 @@ fn reply_entry(r: FsResult<Node>, reply: ReplyEntry) {
     }
 }
 
+fn reply_attr(r: FsResult<Node>, reply: ReplyAttr) {
+    match r {
+        Ok(n) => reply.attr(&TTL, &attr(&n)),
+        Err(e) => reply.error(err(e)),
+    }
+}
+
 fn reply_empty(r: FsResult<()>, reply: ReplyEmpty) {
     match r {
         Ok(()) => reply.ok(),
@@ -168,10 +175,7 @@ impl Filesystem for MshareFuse {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.core.node(ino.0) {
-            Ok(n) => reply.attr(&TTL, &attr(&n)),
-            Err(e) => reply.error(err(e)),
-        }
+        reply_attr(self.core.node(ino.0), reply)
     }
 
     fn setattr(
@@ -212,10 +216,7 @@ impl Filesystem for MshareFuse {
                 r = core.set_mtime(ino.0, secs);
             }
         }
-        match r.and_then(|()| core.node(ino.0)) {
-            Ok(n) => reply.attr(&TTL, &attr(&n)),
-            Err(e) => reply.error(err(e)),
-        }
+        reply_attr(r.and_then(|()| core.node(ino.0)), reply)
     }
 
     fn mknod(
