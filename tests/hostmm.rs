@@ -32,7 +32,12 @@ fn region<'a>(stat: &'a serde_json::Value, path: &str) -> &'a serde_json::Value 
 }
 
 /// Polls `msharefs stat` until `ok` holds for the region, or panics after `limit`.
-fn wait_for(fs: &Msharefs, path: &str, limit: Duration, ok: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+fn wait_for(
+    fs: &Msharefs,
+    path: &str,
+    limit: Duration,
+    ok: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
     let start = Instant::now();
     loop {
         let s = fs.stat();
@@ -66,15 +71,36 @@ fn first_and_returning_attachers_link_the_host_tables() {
     let size = 4 * GIB;
     let p = create_region(&fs, "sga", size);
     // The daemon populates its host mapping in the background; stat shows the progress.
-    let r = wait_for(&fs, "/sga", Duration::from_secs(300), |r| r["populated"] == size);
+    let r = wait_for(&fs, "/sga", Duration::from_secs(300), |r| {
+        r["populated"] == size
+    });
     assert_eq!(r["tables_cached"], serde_json::json!(["rw"]));
-    let first = Probe::run(probe_bin!(), &Attach::new(&p, Protection::ReadWrite).touch().write_pattern(3))
-        .unwrap();
-    let later = Probe::run(probe_bin!(), &Attach::new(&p, Protection::ReadWrite).touch().check_pattern(3))
-        .unwrap();
-    let reader = Probe::run(probe_bin!(), &Attach::new(&p, Protection::ReadOnly).touch().check_pattern(3))
-        .unwrap();
-    for (who, rep) in [("first", &first), ("after all left", &later), ("read-only", &reader)] {
+    let first = Probe::run(
+        probe_bin!(),
+        &Attach::new(&p, Protection::ReadWrite)
+            .touch()
+            .write_pattern(3),
+    )
+    .unwrap();
+    let later = Probe::run(
+        probe_bin!(),
+        &Attach::new(&p, Protection::ReadWrite)
+            .touch()
+            .check_pattern(3),
+    )
+    .unwrap();
+    let reader = Probe::run(
+        probe_bin!(),
+        &Attach::new(&p, Protection::ReadOnly)
+            .touch()
+            .check_pattern(3),
+    )
+    .unwrap();
+    for (who, rep) in [
+        ("first", &first),
+        ("after all left", &later),
+        ("read-only", &reader),
+    ] {
         let per_gib = rep.faults_per_gib().unwrap();
         loud(&format!(
             "host mm: {who} attacher of a 4 GiB region: {} minor faults ({per_gib:.2} per GiB), {} us",
@@ -95,9 +121,16 @@ fn zero_table_budget_releases_idle_tables_and_keeps_data() {
         return;
     }
     let _pool = PoolGuard::new();
-    let fs = Msharefs::mount("hostmm-budget", &["--backing", "hugetlb", "--table-budget", "0"]);
+    let fs = Msharefs::mount(
+        "hostmm-budget",
+        &["--backing", "hugetlb", "--table-budget", "0"],
+    );
     let p = create_region(&fs, "pool", GIB);
-    Probe::run(probe_bin!(), &Attach::new(&p, Protection::ReadWrite).write_pattern(11)).unwrap();
+    Probe::run(
+        probe_bin!(),
+        &Attach::new(&p, Protection::ReadWrite).write_pattern(11),
+    )
+    .unwrap();
     // Nobody attached: the shrinker releases the host tables.
     let r = wait_for(&fs, "/pool", Duration::from_secs(30), |r| {
         r["rw_slots_cached"] == 0 && r["ro_slots_cached"] == 0
@@ -107,7 +140,10 @@ fn zero_table_budget_releases_idle_tables_and_keeps_data() {
     // The next attach rebuilds them (and links them), and the data is intact.
     let mut holder = Probe::spawn(
         probe_bin!(),
-        &Attach::new(&p, Protection::ReadWrite).touch().check_pattern(11).hold(),
+        &Attach::new(&p, Protection::ReadWrite)
+            .touch()
+            .check_pattern(11)
+            .hold(),
     )
     .unwrap();
     let rep = holder.report().unwrap();
@@ -118,7 +154,9 @@ fn zero_table_budget_releases_idle_tables_and_keeps_data() {
     let r = region(&fs.stat(), "/pool").clone();
     assert_eq!(r["tables_cached"], serde_json::json!(["rw"]), "{r}");
     holder.finish().unwrap();
-    wait_for(&fs, "/pool", Duration::from_secs(30), |r| r["rw_slots_cached"] == 0);
+    wait_for(&fs, "/pool", Duration::from_secs(30), |r| {
+        r["rw_slots_cached"] == 0
+    });
 }
 
 #[test]
@@ -131,12 +169,16 @@ fn stat_follows_attach_detach_and_kill() {
     let p = create_region(&fs, "shared", GIB);
     let mut probes: Vec<Probe> = (0..3)
         .map(|_| {
-            let mut pr = Probe::spawn(probe_bin!(), &Attach::new(&p, Protection::ReadWrite).hold()).unwrap();
+            let mut pr =
+                Probe::spawn(probe_bin!(), &Attach::new(&p, Protection::ReadWrite).hold()).unwrap();
             pr.report().unwrap();
             pr
         })
         .collect();
-    let mut want: Vec<u64> = probes.iter_mut().map(|pr| pr.helper().pid() as u64).collect();
+    let mut want: Vec<u64> = probes
+        .iter_mut()
+        .map(|pr| pr.helper().pid() as u64)
+        .collect();
     want.sort_unstable();
     let r = region(&fs.stat(), "/shared").clone();
     assert_eq!(pids(&r), want);
@@ -156,10 +198,48 @@ fn stat_follows_attach_detach_and_kill() {
     let gone = probes.remove(0);
     drop(gone.finish());
     want.remove(0);
-    let r = wait_for(&fs, "/shared", Duration::from_secs(10), |r| pids(r).len() == 1);
+    let r = wait_for(&fs, "/shared", Duration::from_secs(10), |r| {
+        pids(r).len() == 1
+    });
     assert_eq!(pids(&r).len(), 1);
     for pr in probes {
         pr.finish().unwrap();
     }
-    wait_for(&fs, "/shared", Duration::from_secs(10), |r| pids(r).is_empty());
+    wait_for(&fs, "/shared", Duration::from_secs(10), |r| {
+        pids(r).is_empty()
+    });
+}
+
+#[test]
+fn attach_during_population_works() {
+    if !require_privileged("attach_during_population_works") {
+        return;
+    }
+    let _pool = PoolGuard::new();
+    let fs = Msharefs::mount("hostmm-early", &["--backing", "hugetlb"]);
+    let p = create_region(&fs, "early", 2 * GIB);
+    // Right away, while the daemon is still building its host tables.
+    let early = region(&fs.stat(), "/early")["populated"].as_u64().unwrap();
+    let rep = Probe::run(
+        probe_bin!(),
+        &Attach::new(&p, Protection::ReadWrite)
+            .touch()
+            .write_pattern(5),
+    )
+    .unwrap();
+    assert!(rep.pattern_written);
+    let check = Probe::run(
+        probe_bin!(),
+        &Attach::new(&p, Protection::ReadOnly).check_pattern(5),
+    )
+    .unwrap();
+    assert_eq!(check.pattern_ok, Some(true));
+    loud(&format!(
+        "attach during population: {early} of {} bytes populated at attach, {} faults",
+        2 * GIB,
+        rep.touch_minor_faults.unwrap()
+    ));
+    wait_for(&fs, "/early", Duration::from_secs(300), |r| {
+        r["populated"] == 2 * GIB
+    });
 }

@@ -32,7 +32,7 @@ fn os<S: AsRef<OsStr> + ?Sized>(s: &S) -> &OsStr {
 
 #[test]
 fn header_is_what_cbindgen_generates() {
-    let script = support_lib::repo().join("scripts/check-header.sh");
+    let script = msharefs_tests::mountguard::repo().join("scripts/check-header.sh");
     let (ok, out, err) = support_lib::run(&script, &[]);
     assert!(ok, "libmshare/include/mshare.h is stale:\n{out}{err}");
 }
@@ -63,7 +63,7 @@ fn header_compiles_as_c99_and_cxx() {
          }\n",
     )
     .unwrap();
-    let include = support_lib::repo().join("libmshare/include");
+    let include = msharefs_tests::mountguard::repo().join("libmshare/include");
     let obj = dir.path().join("o.o");
     for (cc, std) in [
         ("gcc", "-std=c99"),
@@ -93,7 +93,7 @@ fn header_compiles_as_c99_and_cxx() {
 /// and, statically linked against `libmshare.a` with ASAN and UBSAN (second).
 fn build_db_workers(dir: &Path) -> (PathBuf, PathBuf) {
     let libs = libs();
-    let repo = support_lib::repo();
+    let repo = msharefs_tests::mountguard::repo();
     let src = repo.join("examples/c/db_workers.c");
     let include = repo.join("libmshare/include");
     let dynamic = dir.join("db_workers");

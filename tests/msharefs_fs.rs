@@ -96,9 +96,16 @@ fn v3_sequence(backing: &str) {
         ["-c", PY_ATTACHER, path.to_str().unwrap(), &size.to_string()],
     )
     .unwrap();
-    assert_eq!(py.read_line(Duration::from_secs(20)).unwrap(), "seen c0ffee");
+    assert_eq!(
+        py.read_line(Duration::from_secs(20)).unwrap(),
+        "seen c0ffee"
+    );
     assert_eq!(py.read_line(Duration::from_secs(20)).unwrap(), "wrote");
-    assert_eq!(m.load_u64(8192).unwrap(), 0xA77AC4E5, "creator sees the attacher's write");
+    assert_eq!(
+        m.load_u64(8192).unwrap(),
+        0xA77AC4E5,
+        "creator sees the attacher's write"
+    );
 
     // UNMAP discards the object's contents in every attacher.
     unmap_object(&fd, 0, 4 * MIB).unwrap();
@@ -110,9 +117,13 @@ fn v3_sequence(backing: &str) {
     if backing == "thp" {
         // Passthrough to tmpfs huge=always: PMD-mapped, so 2 MiB pages.
         m.populate(0, size).unwrap();
-        let pmd = msharefs_tests::smaps::field(std::process::id(), m.addr(), "ShmemPmdMapped")
-            .unwrap();
-        loud(&format!("thp region: ShmemPmdMapped {} of {} MiB", pmd >> 20, size >> 20));
+        let pmd =
+            msharefs_tests::smaps::field(std::process::id(), m.addr(), "ShmemPmdMapped").unwrap();
+        loud(&format!(
+            "thp region: ShmemPmdMapped {} of {} MiB",
+            pmd >> 20,
+            size >> 20
+        ));
         assert_eq!(pmd, size, "thp region is not fully PMD-mapped");
     }
     drop(m);
@@ -148,19 +159,40 @@ fn every_error_has_its_errno() {
     assert_eq!(errno(unmap_object(&fd, 0, 2 * MIB)), EINVAL);
     // Bad sizes.
     assert_eq!(errno(kfd::ftruncate(&fd, 0)), EINVAL);
-    assert_eq!(errno(kfd::ftruncate(&fd, MIB)), EINVAL, "not a multiple of 2 MiB");
-    assert_eq!(errno(kfd::ftruncate(&fd, i64::MAX as u64 & !(2 * MIB - 1))), ENOMEM);
-    assert_eq!(errno(kfd::fallocate(&fd, 4096, 2 * MIB)), EINVAL, "offset must be 0");
-    assert_eq!(kfd::fstat(&fd).unwrap().size, 0, "failed calls changed nothing");
+    assert_eq!(
+        errno(kfd::ftruncate(&fd, MIB)),
+        EINVAL,
+        "not a multiple of 2 MiB"
+    );
+    assert_eq!(
+        errno(kfd::ftruncate(&fd, i64::MAX as u64 & !(2 * MIB - 1))),
+        ENOMEM
+    );
+    assert_eq!(
+        errno(kfd::fallocate(&fd, 4096, 2 * MIB)),
+        EINVAL,
+        "offset must be 0"
+    );
+    assert_eq!(
+        kfd::fstat(&fd).unwrap().size,
+        0,
+        "failed calls changed nothing"
+    );
     // Backing choice.
-    assert_eq!(errno(kfd::setxattr(&p, uapi::BACKING_XATTR, b"bogus", 0)), EINVAL);
+    assert_eq!(
+        errno(kfd::setxattr(&p, uapi::BACKING_XATTR, b"bogus", 0)),
+        EINVAL
+    );
     assert_eq!(errno(kfd::setxattr(&p, "user.other", b"x", 0)), EOPNOTSUPP);
     assert_eq!(kfd::getxattr(&p, uapi::BACKING_XATTR).unwrap(), b"hugetlb");
     // The size, once.
     kfd::fallocate(&fd, 0, 8 * MIB).unwrap();
     assert_eq!(kfd::fstat(&fd).unwrap().size, 8 * MIB);
     assert_eq!(errno(kfd::ftruncate(&fd, 16 * MIB)), EINVAL, "second size");
-    assert_eq!(errno(kfd::setxattr(&p, uapi::BACKING_XATTR, b"thp", 0)), EBUSY);
+    assert_eq!(
+        errno(kfd::setxattr(&p, uapi::BACKING_XATTR, b"thp", 0)),
+        EBUSY
+    );
     // Objects.
     let mut no_fixed = anon_object(0, 2 * MIB);
     no_fixed.flags = (MAP_SHARED | MAP_ANONYMOUS) as u32;
@@ -171,22 +203,58 @@ fn every_error_has_its_errno() {
     let mut file_backed = anon_object(0, 2 * MIB);
     file_backed.flags = (MAP_SHARED | MAP_FIXED) as u32;
     assert_eq!(errno(create_object(&fd, file_backed)), EOPNOTSUPP);
-    assert_eq!(errno(create_object(&fd, anon_object(8 * MIB, 2 * MIB))), EINVAL, "past end");
-    assert_eq!(errno(create_object(&fd, anon_object(4096, 2 * MIB))), EINVAL, "unaligned");
-    assert_eq!(errno(create_object(&fd, anon_object(2 * MIB, u64::MAX - MIB))), EINVAL, "overflow");
-    assert_eq!(errno(create_object(&fd, anon_object(0, 0))), EINVAL, "empty");
+    assert_eq!(
+        errno(create_object(&fd, anon_object(8 * MIB, 2 * MIB))),
+        EINVAL,
+        "past end"
+    );
+    assert_eq!(
+        errno(create_object(&fd, anon_object(4096, 2 * MIB))),
+        EINVAL,
+        "unaligned"
+    );
+    assert_eq!(
+        errno(create_object(&fd, anon_object(2 * MIB, u64::MAX - MIB))),
+        EINVAL,
+        "overflow"
+    );
+    assert_eq!(
+        errno(create_object(&fd, anon_object(0, 0))),
+        EINVAL,
+        "empty"
+    );
     create_object(&fd, anon_object(2 * MIB, 4 * MIB)).unwrap();
-    assert_eq!(errno(create_object(&fd, anon_object(0, 4 * MIB))), EEXIST, "overlap");
-    assert_eq!(errno(unmap_object(&fd, 0, 10 * MIB)), EINVAL, "unmap past end");
-    assert_eq!(errno(unmap_object(&fd, u64::MAX - MIB, 4 * MIB)), EINVAL, "unmap overflow");
+    assert_eq!(
+        errno(create_object(&fd, anon_object(0, 4 * MIB))),
+        EEXIST,
+        "overlap"
+    );
+    assert_eq!(
+        errno(unmap_object(&fd, 0, 10 * MIB)),
+        EINVAL,
+        "unmap past end"
+    );
+    assert_eq!(
+        errno(unmap_object(&fd, u64::MAX - MIB, 4 * MIB)),
+        EINVAL,
+        "unmap overflow"
+    );
     let mut unknown = 0u64;
-    assert_eq!(errno(kfd::ioctl_ptr(&fd, 0x4008_7805, &mut unknown)), ENOTTY);
+    assert_eq!(
+        errno(kfd::ioctl_ptr(&fd, 0x4008_7805, &mut unknown)),
+        ENOTTY
+    );
     // A read-only handle may not change contents.
     let ro = kfd::open(&p, O_RDONLY, 0).unwrap();
     assert_eq!(errno(create_object(&ro, anon_object(0, 2 * MIB))), EBADF);
     // hugetlb regions are not mmappable through FUSE.
     assert_eq!(
-        errno(Mapping::map_aligned(&fd, 8 * MIB, Protection::ReadWrite, 4096)),
+        errno(Mapping::map_aligned(
+            &fd,
+            8 * MIB,
+            Protection::ReadWrite,
+            4096
+        )),
         ENODEV
     );
     // Names and the info file.
@@ -194,18 +262,30 @@ fn every_error_has_its_errno() {
     assert_eq!(errno(create(&fs.path(&"n".repeat(256)))), ENAMETOOLONG);
     create(&fs.path(&"n".repeat(255))).unwrap();
     assert_eq!(errno(std::fs::remove_file(fs.path("mshare_info"))), EPERM);
-    assert_eq!(errno(std::fs::rename(fs.path("mshare_info"), fs.path("x"))), EPERM);
+    assert_eq!(
+        errno(std::fs::rename(fs.path("mshare_info"), fs.path("x"))),
+        EPERM
+    );
     assert_eq!(errno(std::fs::rename(&p, fs.path("mshare_info"))), EPERM);
     assert_eq!(errno(kfd::open(&fs.path("mshare_info"), O_RDWR, 0)), EACCES);
     std::fs::create_dir(fs.path("d")).unwrap();
     create(&fs.path("d/inner")).unwrap();
     assert_eq!(errno(std::fs::remove_dir(fs.path("d"))), ENOTEMPTY);
     assert_eq!(errno(std::fs::remove_file(fs.path("d"))), EISDIR);
-    assert_eq!(errno(std::fs::rename(fs.path("d"), fs.path("d/inner2"))), EINVAL);
+    assert_eq!(
+        errno(std::fs::rename(fs.path("d"), fs.path("d/inner2"))),
+        EINVAL
+    );
     // The daemon still serves.
-    assert_eq!(std::fs::read_to_string(fs.path("mshare_info")).unwrap(), "1073741824\n");
+    assert_eq!(
+        std::fs::read_to_string(fs.path("mshare_info")).unwrap(),
+        "1073741824\n"
+    );
     std::fs::rename(&p, fs.path("d/moved")).unwrap();
-    assert_eq!(std::fs::metadata(fs.path("d/moved")).unwrap().len(), 8 * MIB);
+    assert_eq!(
+        std::fs::metadata(fs.path("d/moved")).unwrap().len(),
+        8 * MIB
+    );
 }
 
 /// Python writer: maps a region and writes a counter into every 4 KiB page, round after
@@ -250,7 +330,10 @@ fn kill9_of_the_daemon_loses_nothing() {
         ["-c", PY_WRITER, thp.to_str().unwrap(), &size.to_string()],
     )
     .unwrap();
-    assert_eq!(writer.read_line(Duration::from_secs(20)).unwrap(), "writing");
+    assert_eq!(
+        writer.read_line(Duration::from_secs(20)).unwrap(),
+        "writing"
+    );
     // A hugetlb region attached through libmshare, pattern written, mapping held.
     let huge = fs.path("huge");
     drop(create(&huge).unwrap());
@@ -286,8 +369,14 @@ fn kill9_of_the_daemon_loses_nothing() {
         .output()
         .unwrap();
     let got = String::from_utf8_lossy(&got.stdout);
-    loud(&format!("kill -9 during writes: writer {line}; file sha256 {got}"));
-    assert_eq!(got.split(' ').next().unwrap(), want, "thp contents differ after restart");
+    loud(&format!(
+        "kill -9 during writes: writer {line}; file sha256 {got}"
+    ));
+    assert_eq!(
+        got.split(' ').next().unwrap(),
+        want,
+        "thp contents differ after restart"
+    );
 
     // The hugetlb pattern survived, seen by a new attacher on the new daemon.
     let check = Probe::run(
@@ -309,11 +398,22 @@ fn as_nobody(script: &str, args: &[&str]) -> String {
         "{SYSTEM_PYTHON} is missing (apt-get install python3)"
     );
     let out = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", SYSTEM_PYTHON, "-c", script])
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            SYSTEM_PYTHON,
+            "-c",
+            script,
+        ])
         .args(args)
         .output()
         .expect("setpriv");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
@@ -358,7 +458,10 @@ fn permissions_are_enforced_for_other_users() {
     );
     // 0644: read and read-only mappings; no writes, no resize, no unlink (sticky root).
     std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
-    assert_eq!(as_nobody(PY_ACCESS, &[ps]), "ok EACCES EACCES ok EACCES EPERM");
+    assert_eq!(
+        as_nobody(PY_ACCESS, &[ps]),
+        "ok EACCES EACCES ok EACCES EPERM"
+    );
     // The backing file carries the same mode and owner.
     let st = kfd::stat(&p).unwrap();
     assert_eq!(st.mode & 0o7777, 0o644);
@@ -378,7 +481,51 @@ fn purge_leaves_no_mounts_and_restores_the_pool() {
     drop(fd);
     assert_eq!(kernel_glue::hugepages::nr_hugepages().unwrap(), before + 32);
     assert!(fs.umount(true));
-    assert!(fs.leftover_mounts().is_empty(), "{:?}", fs.leftover_mounts());
+    assert!(
+        fs.leftover_mounts().is_empty(),
+        "{:?}",
+        fs.leftover_mounts()
+    );
     assert_eq!(kernel_glue::hugepages::nr_hugepages().unwrap(), before);
     assert!(!fs.state_dir().exists());
+}
+
+#[test]
+fn read_and_write_through_the_file_match_the_mapping() {
+    if !require_privileged("read_and_write_through_the_file_match_the_mapping") {
+        return;
+    }
+    use std::os::unix::fs::FileExt;
+    let _pool = PoolGuard::new();
+    let fs = Msharefs::mount("rw-file", &["--backing", "hugetlb"]);
+    let size = 4 * MIB;
+    let p = fs.path("data");
+    let region = mshare::Region::create(&p, size, 0o600, mshare::Backing::Hugetlb).unwrap();
+    let att = region.attach(Protection::ReadWrite).unwrap();
+    // write(2) through msharefs (hugetlbfs itself has no write): seen in the mapping.
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&p)
+        .unwrap();
+    f.write_all_at(b"written by pwrite", 3 * MIB + 100).unwrap();
+    let mut buf = [0u8; 17];
+    att.mapping().read_at(3 * MIB + 100, &mut buf).unwrap();
+    assert_eq!(&buf, b"written by pwrite");
+    // The mapping's writes are what read(2) and cp see.
+    att.mapping()
+        .write_at(4096, b"written by the mapping")
+        .unwrap();
+    let copy = std::fs::read(&p).unwrap();
+    assert_eq!(copy.len() as u64, size);
+    assert_eq!(&copy[4096..4096 + 22], b"written by the mapping");
+    assert_eq!(
+        &copy[(3 * MIB + 100) as usize..][..17],
+        b"written by pwrite"
+    );
+    // Regions do not grow.
+    assert_eq!(errno(f.write_all_at(b"x", size)), ENOSPC);
+    let partial = f.write_at(b"abcdef", size - 3).unwrap();
+    assert_eq!(partial, 3);
+    assert_eq!(std::fs::metadata(&p).unwrap().len(), size);
 }
