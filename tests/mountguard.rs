@@ -107,8 +107,11 @@ impl Msharefs {
     pub fn mount(tag: &str, args: &[&str]) -> Msharefs {
         let root = TempDir::new(tag).expect("temp dir");
         // Other users must reach the mount point for permission tests.
-        std::fs::set_permissions(root.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .expect("chmod");
+        std::fs::set_permissions(
+            root.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .expect("chmod");
         std::fs::create_dir(root.path().join("mnt")).expect("mkdir mnt");
         let m = Msharefs {
             root,
@@ -246,8 +249,14 @@ impl Drop for Msharefs {
         let ok = self.umount(true);
         let left = self.leftover_mounts();
         if !left.is_empty() {
-            crate::loud(&format!("LEAK after msharefs umount --purge: {left:?}; detaching"));
-            for m in kernel_glue::mount::mounts().unwrap_or_default().into_iter().rev() {
+            crate::loud(&format!(
+                "LEAK after msharefs umount --purge: {left:?}; detaching"
+            ));
+            for m in kernel_glue::mount::mounts()
+                .unwrap_or_default()
+                .into_iter()
+                .rev()
+            {
                 if m.target.starts_with(self.root.path()) {
                     let _ = kernel_glue::mount::umount2(&m.target, true);
                 }

@@ -18,7 +18,6 @@ use msharefs_tests::helper::Helper;
 use msharefs_tests::mountguard::Msharefs;
 use msharefs_tests::{in_ci, loud};
 
-
 /// Paths of the built libraries.
 #[derive(Debug, Clone)]
 pub struct Libs {
@@ -135,7 +134,11 @@ impl MsharefsMount {
     pub fn new(tag: &str, backing: &str) -> MsharefsMount {
         let m = Msharefs::mount(tag, &["--backing", backing]);
         let fs = kernel_glue::fd::statfs(&m.mountpoint()).expect("statfs of the mount");
-        assert_eq!(fs.fs_type, kernel_glue::FUSE_SUPER_MAGIC, "not a FUSE mount");
+        assert_eq!(
+            fs.fs_type,
+            kernel_glue::FUSE_SUPER_MAGIC,
+            "not a FUSE mount"
+        );
         MsharefsMount(m)
     }
 
