@@ -1,0 +1,986 @@
+//! `msharefs bench`: the evidence, side by side, in one run (DESIGN.md, "What we measure").
+//!
+//! For N attacher processes of a G GiB region, for each configuration
+//! ([`Config`]: plain 4 KiB shmem, plain hugetlb at kernel-chosen addresses, THP tmpfs,
+//! msharefs hugetlb through libmshare), it measures:
+//!
+//! - **page-table bytes per attacher per GiB**: `PageTables` of `/proc/meminfo` (after
+//!   `vm.stat_refresh`) with all N attachers attached and every page touched, minus
+//!   `PageTables` once the same N processes have unmapped the region (the control: the
+//!   same processes without the region), divided by N and G; the median over up to
+//!   [`WINDOWS`] detach/re-attach windows per round and then over the rounds. A second
+//!   figure uses separate control processes (`PageTables` with the N attachers minus after
+//!   they exit, minus N times what a control process that maps nothing costs).
+//! - **minor faults per attacher per GiB** of the touch loop (`getrusage` in the attacher);
+//! - **attach+touch time**: median and p99 over the attachers, each measured in its own
+//!   process from just before open/attach to just after the last touch; attachers start
+//!   one after another, so each runs alone. Only the first `--timed` attachers of a round
+//!   touch; the rest build the same page tables with `MADV_POPULATE_WRITE` (4x faster for
+//!   4 KiB pages), so that 512 attachers of 8 GiB fit in minutes, and count for page
+//!   tables only;
+//! - **bandwidth ratio**: the best of S read+write sweeps of the whole region in one
+//!   attacher over the best of S sweeps of an anonymous `MAP_HUGETLB` mapping of the same
+//!   size in another process, the two alternating sweep by sweep.
+//!
+//! Safety of the machine: before each attacher the memory guard checks that `MemAvailable`
+//! stays above `--reserve-mib` plus what the attacher will need, and stops adding
+//! attachers otherwise (recorded as `attachers_measured` and a note); a time budget does
+//! the same. Every resource is a guard released on any exit, including SIGINT, SIGTERM and
+//! SIGHUP, which set a flag every wait checks.
+//!
+//! Layout: `attacher` (the hidden `bench-attacher` process), `fleet` (starting attachers
+//! and talking to them), `setup` (each configuration's memory and the bench's own mounts),
+//! `report` (table, JSON, CSV, SVG). This module owns the run: its order, the memory
+//! guard, the time budget and clean-up on errors and signals. It may not change anything
+//! of the daemon: msharefs is driven through its CLI and libmshare, as a user would.
+
+pub mod attacher;
+mod fleet;
+mod report;
+mod setup;
+
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use clap::{Args, ValueEnum};
+use kernel_glue::procfs;
+
+use attacher::AttachKind;
+pub use attacher::AttacherArgs;
+use fleet::{Attacher, Fleet, Spec};
+use report::{ConfigResult, Report};
+use setup::{Target, WorkDir};
+
+/// Lock file held by test runs that change the huge-page pool; the bench holds it too, so
+/// neither sees the other's pool changes.
+const TEST_POOL_LOCK: &str = "/run/msharefs/test-pool.lock";
+
+const GIB: u64 = 1 << 30;
+
+/// The configurations, in the order they run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, ValueEnum)]
+pub enum Config {
+    /// A plain memfd (4 KiB pages) mapped by each process.
+    #[value(name = "shmem-4k")]
+    Shmem4k,
+    /// A plain MFD_HUGETLB memfd mapped with mmap(NULL): kernel-chosen addresses.
+    #[value(name = "hugetlb-kernel-placed")]
+    HugetlbKernelPlaced,
+    /// A file on a tmpfs mounted huge=always, mapped by each process.
+    #[value(name = "thp")]
+    Thp,
+    /// A region on msharefs (hugetlb backing) attached through libmshare.
+    #[value(name = "msharefs-hugetlb")]
+    MsharefsHugetlb,
+}
+
+/// All configurations.
+pub const ALL_CONFIGS: [Config; 4] = [
+    Config::Shmem4k,
+    Config::HugetlbKernelPlaced,
+    Config::Thp,
+    Config::MsharefsHugetlb,
+];
+
+impl Config {
+    /// The name used in tables, JSON and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Config::Shmem4k => "shmem-4k",
+            Config::HugetlbKernelPlaced => "hugetlb-kernel-placed",
+            Config::Thp => "thp",
+            Config::MsharefsHugetlb => "msharefs-hugetlb",
+        }
+    }
+}
+
+/// Arguments of `msharefs bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Attacher processes per configuration [default: 64; with --quick: 4].
+    #[arg(long)]
+    attachers: Option<usize>,
+    /// Region size in GiB [default: 4; with --quick: 1].
+    #[arg(long)]
+    size_gib: Option<u64>,
+    /// Write the results as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Write the results as CSV to this file.
+    #[arg(long)]
+    csv: Option<PathBuf>,
+    /// Write a chart of the results (SVG) to this file.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// A small, fast run (4 attachers of 1 GiB, 2 rounds): checks that the benchmark works.
+    #[arg(long)]
+    quick: bool,
+    /// Configurations to run, comma-separated [default: all].
+    #[arg(long, value_enum, value_delimiter = ',')]
+    configs: Vec<Config>,
+    /// Bytes between the attachers' touches [default: each configuration's page size,
+    /// i.e. one write per page].
+    #[arg(long)]
+    touch_stride: Option<u64>,
+    /// Rounds of N attachers per configuration; rounds after the first run only while a
+    /// round takes less than 30 s [default: 3; with --quick: 2].
+    #[arg(long)]
+    rounds: Option<usize>,
+    /// Read+write sweeps per bandwidth figure, alternating with the reference's; the best
+    /// of each counts [default: 5].
+    #[arg(long)]
+    sweeps: Option<u32>,
+    /// Attachers per round that touch the region and are timed; the others build the same
+    /// page tables with MADV_POPULATE_WRITE, about 4x faster for 4 KiB pages, and count
+    /// for page tables only.
+    #[arg(long, default_value_t = 64)]
+    timed: usize,
+    /// Stop adding attachers to a configuration after this many seconds.
+    #[arg(long, default_value_t = 600)]
+    max_secs_per_config: u64,
+    /// MiB of memory that must stay available (MemAvailable): attachers stop being added
+    /// before a step could take the machine below it.
+    #[arg(long, default_value_t = 3072)]
+    reserve_mib: u64,
+    /// Do not take /run/msharefs/test-pool.lock (the caller holds it, as the CI test does).
+    #[arg(long)]
+    no_pool_lock: bool,
+    /// Measure nothing: read the results of an earlier run from this JSON file and print
+    /// the table and write --csv / --plot from them.
+    #[arg(long, value_name = "FILE")]
+    from_json: Option<PathBuf>,
+}
+
+/// Validated settings of one run.
+#[derive(Debug, Clone)]
+struct Opts {
+    attachers: usize,
+    size_gib: u64,
+    configs: Vec<Config>,
+    touch_stride: Option<u64>,
+    rounds: usize,
+    sweeps: u32,
+    timed: usize,
+    max_secs_per_config: u64,
+    reserve: u64,
+    command: String,
+}
+
+impl Opts {
+    fn from_args(a: &BenchArgs) -> Result<Opts, BenchError> {
+        let bad = |m: String| BenchError::Usage(m);
+        let attachers = a.attachers.unwrap_or(if a.quick { 4 } else { 64 });
+        let size_gib = a.size_gib.unwrap_or(if a.quick { 1 } else { 4 });
+        if !(1..=4096).contains(&attachers) {
+            return Err(bad(format!(
+                "--attachers {attachers}: must be between 1 and 4096"
+            )));
+        }
+        if !(1..=4096).contains(&size_gib) {
+            return Err(bad(format!(
+                "--size-gib {size_gib}: must be between 1 and 4096"
+            )));
+        }
+        if let Some(s) = a.touch_stride {
+            if s == 0 || s % 8 != 0 || s > size_gib * GIB {
+                return Err(bad(format!(
+                    "--touch-stride {s}: must be a positive multiple of 8 within the region"
+                )));
+            }
+        }
+        let rounds = a.rounds.unwrap_or(if a.quick { 2 } else { 3 });
+        let sweeps = a.sweeps.unwrap_or(5);
+        if !(1..=20).contains(&rounds) || !(1..=20).contains(&sweeps) {
+            return Err(bad("--rounds and --sweeps must be between 1 and 20".into()));
+        }
+        for p in [&a.plot].into_iter().flatten() {
+            if p.extension().and_then(|e| e.to_str()) != Some("svg") {
+                return Err(bad(format!(
+                    "--plot {}: the chart is SVG; name the file *.svg",
+                    p.display()
+                )));
+            }
+        }
+        let mut configs = Vec::new();
+        for c in ALL_CONFIGS {
+            if a.configs.is_empty() || a.configs.contains(&c) {
+                configs.push(c);
+            }
+        }
+        let command = std::iter::once("msharefs".to_string())
+            .chain(std::env::args().skip(1))
+            .collect::<Vec<_>>()
+            .join(" ");
+        Ok(Opts {
+            attachers,
+            size_gib,
+            configs,
+            touch_stride: a.touch_stride,
+            rounds,
+            sweeps,
+            timed: a.timed.max(1),
+            max_secs_per_config: a.max_secs_per_config,
+            reserve: a.reserve_mib.saturating_mul(1 << 20),
+            command,
+        })
+    }
+
+    fn size(&self) -> u64 {
+        self.size_gib * GIB
+    }
+}
+
+/// Why a run failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// SIGINT, SIGTERM or SIGHUP arrived; everything was cleaned up.
+    #[error("interrupted; cleaned up")]
+    Interrupted,
+    /// A bad argument.
+    #[error("{0}")]
+    Usage(String),
+    /// A set-up step failed.
+    #[error("{step}: {source}")]
+    Setup {
+        /// The step.
+        step: &'static str,
+        /// The cause, with its errno.
+        #[source]
+        source: io::Error,
+    },
+    /// Not enough memory for a step.
+    #[error("not enough memory: {0}")]
+    Memory(String),
+    /// Starting an attacher failed.
+    #[error("cannot start an attacher: {0}")]
+    Spawn(#[source] io::Error),
+    /// An attacher failed, died or hung.
+    #[error("attacher pid {pid}: {what}")]
+    Attacher {
+        /// Its pid.
+        pid: u32,
+        /// What happened.
+        what: String,
+    },
+    /// The bench's msharefs mount misbehaved.
+    #[error("msharefs: {0}")]
+    Msharefs(String),
+    /// Writing an output file failed.
+    #[error("cannot write {path}: {source}")]
+    Output {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl BenchError {
+    fn setup(step: &'static str, source: io::Error) -> BenchError {
+        BenchError::Setup { step, source }
+    }
+}
+
+/// Progress lines on standard error, with the time since the start; `throttled` lines at
+/// most every 2 seconds.
+#[derive(Debug)]
+pub struct Progress {
+    start: Instant,
+    last: Option<Instant>,
+}
+
+impl Progress {
+    fn new() -> Progress {
+        Progress {
+            start: Instant::now(),
+            last: None,
+        }
+    }
+
+    /// Prints a line.
+    pub fn line(&mut self, msg: impl AsRef<str>) {
+        eprintln!(
+            "[{:7.1}s] {}",
+            self.start.elapsed().as_secs_f64(),
+            msg.as_ref()
+        );
+        self.last = Some(Instant::now());
+    }
+
+    /// Prints a line unless one was printed in the last 2 seconds.
+    pub fn throttled(&mut self, msg: impl AsRef<str>) {
+        if self
+            .last
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(2))
+        {
+            self.line(msg);
+        }
+    }
+}
+
+/// A `PageTables` sample and whether it had settled.
+#[derive(Debug, Clone, Copy)]
+struct PtSample {
+    bytes: u64,
+    settled: bool,
+}
+
+/// `PageTables` once it has stopped moving. Each sample first folds the per-CPU counter
+/// deltas (`vm.stat_refresh`), without which the counter lags by hundreds of KiB; freed
+/// page tables are accounted after an RCU grace period, and other processes come and go.
+/// Returns the first value seen three times in a row 10 ms apart; after 1.5 s without
+/// that, the last value, marked as not settled.
+fn settled_page_tables() -> Result<PtSample, BenchError> {
+    let read = || {
+        kernel_glue::bench_sys::vm_stat_refresh()
+            .map_err(|e| BenchError::setup("write /proc/sys/vm/stat_refresh", e))?;
+        procfs::meminfo()
+            .map(|m| m.page_tables)
+            .map_err(|e| BenchError::setup("read /proc/meminfo", e))
+    };
+    std::thread::sleep(Duration::from_millis(30));
+    let mut last = read()?;
+    let mut same = 0;
+    for _ in 0..150 {
+        std::thread::sleep(Duration::from_millis(10));
+        let v = read()?;
+        if v == last {
+            same += 1;
+            if same >= 2 {
+                return Ok(PtSample {
+                    bytes: v,
+                    settled: true,
+                });
+            }
+        } else {
+            same = 0;
+            last = v;
+        }
+    }
+    Ok(PtSample {
+        bytes: last,
+        settled: false,
+    })
+}
+
+/// Detach/attach windows per round when re-attaching is cheap: the page-table figure of a
+/// round is the median over its windows, so a window in which another process on the
+/// machine changed its page tables does not count.
+const WINDOWS: usize = 5;
+
+/// Re-attaching all attachers of a round is cheap when starting them took less than this.
+const CHEAP_ROUND: Duration = Duration::from_secs(10);
+
+fn mem_available() -> Result<u64, BenchError> {
+    procfs::meminfo()
+        .map(|m| m.mem_available)
+        .map_err(|e| BenchError::setup("read /proc/meminfo", e))
+}
+
+/// Median of `v` (0 for none).
+fn median(v: &[f64]) -> f64 {
+    percentile(v, 50.0)
+}
+
+/// Nearest-rank percentile of `v` (0 for none).
+fn percentile(v: &[f64], pct: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let rank = ((pct / 100.0) * s.len() as f64).ceil() as usize;
+    s[rank.clamp(1, s.len()) - 1]
+}
+
+/// Time limit for one attacher's report: touching 4 KiB pages runs at about 0.3 s per
+/// GiB here; allow for a much slower machine.
+fn report_limit(size: u64) -> Duration {
+    Duration::from_secs(120 + 20 * size.div_ceil(GIB))
+}
+
+/// Page-table bytes one attacher of a mapping with `page_size` pages should add at most
+/// (PTE pages for 4 KiB pages, PMD pages, its own process), plus slack, to keep the memory
+/// guard ahead.
+fn pt_estimate(page_size: u64, size: u64, control: u64) -> u64 {
+    let gibs = size.div_ceil(GIB);
+    let ptes = if page_size < kernel_glue::HUGE_PAGE_SIZE {
+        size / 512
+    } else {
+        0
+    };
+    ptes + 2 * 4096 * gibs + control + (16 << 20)
+}
+
+/// The per-process page tables of the attacher processes themselves: N control processes
+/// that map nothing. Median over rounds, in bytes per process.
+fn control_run(opts: &Opts, fleet: &mut Fleet, p: &mut Progress) -> Result<f64, BenchError> {
+    let spec = Spec {
+        kind: AttachKind::Control,
+        path: None,
+        size: 0,
+        stride: 4096,
+        populate: false,
+    };
+    let mut per_process = Vec::new();
+    for round in 0..opts.rounds {
+        let mut all: Vec<Attacher> = Vec::new();
+        for _ in 0..opts.attachers {
+            let mut a = fleet.spawn(&spec)?;
+            fleet.report(&mut a, Duration::from_secs(60))?;
+            all.push(a);
+        }
+        let alive = settled_page_tables()?;
+        let n = all.len();
+        fleet.release(all, Duration::from_secs(60))?;
+        let gone = settled_page_tables()?;
+        let c = (alive.bytes as f64 - gone.bytes as f64) / n as f64;
+        p.line(format!(
+            "control round {}: {n} processes, {:.1} KiB of page tables each",
+            round + 1,
+            c / 1024.0
+        ));
+        per_process.push(c);
+    }
+    Ok(median(&per_process))
+}
+
+/// Read+write sweep bandwidth in one attacher of `spec` and in one attacher of an
+/// anonymous MAP_HUGETLB mapping of the same size, alternating sweep by sweep (so both see
+/// the same machine), best of `sweeps` each, in GB/s. `None` when the reference does not
+/// fit next to the region (memory or huge pages); the caller measures it afterwards.
+fn bandwidth_interleaved(
+    opts: &Opts,
+    spec: &Spec,
+    fleet: &mut Fleet,
+) -> Result<Option<(f64, f64)>, BenchError> {
+    let size = opts.size();
+    if mem_available()? < size + opts.reserve {
+        return Ok(None);
+    }
+    let Ok(_grant) = kernel_glue::hugepages::grow(size / kernel_glue::HUGE_PAGE_SIZE) else {
+        return Ok(None);
+    };
+    let reference = Spec {
+        kind: AttachKind::AnonHugetlb,
+        path: None,
+        size,
+        stride: kernel_glue::HUGE_PAGE_SIZE,
+        populate: false,
+    };
+    let mut r = fleet.spawn(&reference)?;
+    fleet.report(&mut r, report_limit(size))?;
+    let mut c = fleet.spawn(spec)?;
+    fleet.report(&mut c, report_limit(size))?;
+    let (mut best_r, mut best_c) = (0f64, 0f64);
+    for i in 0..opts.sweeps {
+        for first in [i % 2 == 0, i % 2 != 0] {
+            let a = if first { &mut r } else { &mut c };
+            a.send("sweep 1")?;
+            let v = fleet.report(a, report_limit(size))?;
+            let gbps = v["sweep_gbps"].as_f64().unwrap_or(0.0);
+            if first {
+                best_r = best_r.max(gbps);
+            } else {
+                best_c = best_c.max(gbps);
+            }
+        }
+    }
+    fleet.release(vec![r, c], Duration::from_secs(120))?;
+    Ok(Some((best_c, best_r)))
+}
+
+/// Sweep bandwidth of an anonymous MAP_HUGETLB mapping of the region's size on its own:
+/// the best of `sweeps`, in GB/s.
+fn bandwidth_reference(opts: &Opts, fleet: &mut Fleet) -> Result<f64, BenchError> {
+    let size = opts.size();
+    let avail = mem_available()?;
+    if avail < size + opts.reserve {
+        return Err(BenchError::Memory(format!(
+            "bandwidth reference: {} MiB available, need {} MiB plus the reserve",
+            avail >> 20,
+            size >> 20
+        )));
+    }
+    let _grant = kernel_glue::hugepages::grow(size / kernel_glue::HUGE_PAGE_SIZE)
+        .map_err(|e| BenchError::setup("grow the huge page pool for the reference", e.into()))?;
+    let spec = Spec {
+        kind: AttachKind::AnonHugetlb,
+        path: None,
+        size,
+        stride: kernel_glue::HUGE_PAGE_SIZE,
+        populate: false,
+    };
+    let mut a = fleet.spawn(&spec)?;
+    fleet.report(&mut a, report_limit(size))?;
+    a.send(&format!("sweep {}", opts.sweeps))?;
+    let v = fleet.report(&mut a, report_limit(size) * opts.sweeps)?;
+    fleet.release(vec![a], Duration::from_secs(60))?;
+    Ok(v["sweep_gbps"].as_f64().unwrap_or(0.0))
+}
+
+/// Raw measurements of one configuration.
+#[derive(Debug, Default)]
+struct Samples {
+    attach_ms: Vec<f64>,
+    open_ms: Vec<f64>,
+    map_ms: Vec<f64>,
+    touch_ms: Vec<f64>,
+    faults_per_gib: Vec<f64>,
+    vmpte_per_gib: Vec<f64>,
+    pt_unmap: Vec<f64>,
+    pt_control: Vec<f64>,
+    page_size: u64,
+    huge_fraction: Vec<f64>,
+}
+
+impl Samples {
+    fn record(&mut self, v: &serde_json::Value, gibs: f64, size: u64) -> (f64, f64) {
+        let ms = |k: &str| v[k].as_f64().unwrap_or(0.0) / 1e6;
+        let faults = v["faults"].as_f64().unwrap_or(0.0);
+        self.attach_ms.push(ms("ns"));
+        self.open_ms.push(ms("open_ns"));
+        self.map_ms.push(ms("map_ns"));
+        self.touch_ms.push(ms("touch_ns"));
+        self.faults_per_gib.push(faults / gibs);
+        self.vmpte_per_gib
+            .push(v["vm_pte_delta"].as_f64().unwrap_or(0.0) / gibs);
+        let page_size = v["page_size"].as_u64().unwrap_or(0);
+        self.page_size = page_size;
+        self.huge_fraction
+            .push(if page_size >= kernel_glue::HUGE_PAGE_SIZE {
+                1.0
+            } else {
+                v["pmd_mapped"].as_f64().unwrap_or(0.0) / size as f64
+            });
+        (ms("ns"), faults)
+    }
+}
+
+/// One round: N attachers started one after another, each attaching and touching alone;
+/// then the page-table figures of the round. Returns the attachers started and the two
+/// page-table figures (same processes unmapped; separate control processes).
+#[allow(clippy::too_many_arguments)]
+fn run_round(
+    opts: &Opts,
+    config: Config,
+    round: usize,
+    want: usize,
+    spec: &Spec,
+    control: f64,
+    estimate: u64,
+    deadline: Option<Instant>,
+    s: &mut Samples,
+    notes: &mut Vec<String>,
+    fleet: &mut Fleet,
+    p: &mut Progress,
+) -> Result<(usize, f64, f64), BenchError> {
+    let size = opts.size();
+    let gibs = opts.size_gib as f64;
+    let round_start = Instant::now();
+    let mut all: Vec<Attacher> = Vec::new();
+    for i in 0..want {
+        fleet.check()?;
+        let avail = mem_available()?;
+        if avail < opts.reserve + estimate {
+            notes.push(format!(
+                "stopped at {i} of {} attachers: MemAvailable was {} MiB and the next \
+                 attacher needs about {} MiB of page tables above the {} MiB reserve",
+                opts.attachers,
+                avail >> 20,
+                estimate >> 20,
+                opts.reserve >> 20
+            ));
+            break;
+        }
+        if deadline.is_some_and(|d| Instant::now() > d) {
+            notes.push(format!(
+                "stopped at {i} of {} attachers: the time budget of {} s \
+                 (--max-secs-per-config) was used up",
+                opts.attachers, opts.max_secs_per_config
+            ));
+            break;
+        }
+        let timed = i < opts.timed;
+        let this = Spec {
+            populate: !timed,
+            ..spec.clone()
+        };
+        let mut a = fleet.spawn(&this)?;
+        let v = fleet.report(&mut a, report_limit(size))?;
+        all.push(a);
+        if timed {
+            let (ms, faults) = s.record(&v, gibs, size);
+            p.throttled(format!(
+                "{} round {}: attacher {}/{want}: attach+touch {ms:.2} ms, {faults} faults",
+                config.name(),
+                round + 1,
+                i + 1
+            ));
+        } else {
+            p.throttled(format!(
+                "{} round {}: attacher {}/{want} (populated, untimed): {:.0} ms",
+                config.name(),
+                round + 1,
+                i + 1,
+                v["ns"].as_f64().unwrap_or(0.0) / 1e6
+            ));
+        }
+    }
+    let k = all.len();
+    if k == 0 {
+        return Err(BenchError::Memory(format!(
+            "{}: not even one attacher fits; {}",
+            config.name(),
+            notes.join("; ")
+        )));
+    }
+    let spawned = round_start.elapsed();
+    let first = settled_page_tables()?;
+    let mut attached = first;
+    let mut windows: Vec<(f64, bool)> = Vec::new();
+    let n_windows = if spawned < CHEAP_ROUND { WINDOWS } else { 1 };
+    for w in 0..n_windows {
+        if w > 0 {
+            fleet.command_all(&mut all, "attach", report_limit(size))?;
+            attached = settled_page_tables()?;
+        }
+        fleet.command_all(&mut all, "detach", report_limit(size))?;
+        let detached = settled_page_tables()?;
+        windows.push((
+            attached.bytes as f64 - detached.bytes as f64,
+            attached.settled && detached.settled,
+        ));
+    }
+    fleet.release(all, Duration::from_secs(120))?;
+    let gone = settled_page_tables()?;
+    let settled: Vec<f64> = windows.iter().filter(|w| w.1).map(|w| w.0).collect();
+    let all_windows: Vec<f64> = windows.iter().map(|w| w.0).collect();
+    if settled.is_empty() {
+        notes.push(format!(
+            "round {}: PageTables never settled (other processes were busy); the figure \
+             may carry their noise",
+            round + 1
+        ));
+    }
+    let denom = k as f64 * gibs;
+    let unmap = median(if settled.is_empty() {
+        &all_windows
+    } else {
+        &settled
+    }) / denom;
+    let vs_control = (first.bytes as f64 - gone.bytes as f64 - k as f64 * control) / denom;
+    p.line(format!(
+        "{} round {}: {k} attachers: page tables {unmap:.1} B per attacher per GiB \
+         ({vs_control:.1} against control processes); attach+touch median {:.3} ms",
+        config.name(),
+        round + 1,
+        median(&s.attach_ms)
+    ));
+    Ok((k, unmap, vs_control))
+}
+
+fn run_config(
+    opts: &Opts,
+    config: Config,
+    control: f64,
+    work: &WorkDir,
+    fleet: &mut Fleet,
+    p: &mut Progress,
+) -> Result<ConfigResult, BenchError> {
+    let size = opts.size();
+    let gibs = opts.size_gib as f64;
+    p.line(format!(
+        "{}: setting up a {} GiB region",
+        config.name(),
+        opts.size_gib
+    ));
+    let target: Target = setup::prepare(config, size, opts.reserve, work, fleet, p)?;
+    let stride = opts.touch_stride.unwrap_or(setup::page_size(config));
+    let spec = Spec {
+        kind: target.kind,
+        path: Some(target.path.clone()),
+        size,
+        stride,
+        populate: false,
+    };
+    let mut notes: Vec<String> = Vec::new();
+    let interleaved = bandwidth_interleaved(opts, &spec, fleet)?;
+    if let Some((c, r)) = interleaved {
+        p.line(format!(
+            "{}: bandwidth {c:.2} GB/s, anonymous MAP_HUGETLB {r:.2} GB/s (interleaved)",
+            config.name()
+        ));
+    }
+    let estimate = pt_estimate(setup::page_size(config), size, control.max(0.0) as u64);
+    let deadline = Instant::now() + Duration::from_secs(opts.max_secs_per_config);
+    let mut s = Samples::default();
+    let mut measured = 0;
+    let mut rounds_done = 0;
+    for round in 0..opts.rounds {
+        let round_start = Instant::now();
+        let want = if round == 0 { opts.attachers } else { measured };
+        let dl = (round == 0).then_some(deadline);
+        let (k, unmap, vs_control) = run_round(
+            opts, config, round, want, &spec, control, estimate, dl, &mut s, &mut notes, fleet, p,
+        )?;
+        if round == 0 {
+            measured = k;
+        }
+        s.pt_unmap.push(unmap);
+        s.pt_control.push(vs_control);
+        rounds_done += 1;
+        if round + 1 < opts.rounds && round_start.elapsed() > Duration::from_secs(30) {
+            notes.push(format!(
+                "{} of {} rounds: a round took {:.0} s",
+                round + 1,
+                opts.rounds,
+                round_start.elapsed().as_secs_f64()
+            ));
+            break;
+        }
+    }
+    if config == Config::Thp {
+        let f = median(&s.huge_fraction);
+        if f < 0.9 {
+            notes.push(format!(
+                "only {:.0}% of the THP mapping was PMD-mapped",
+                f * 100.0
+            ));
+        }
+    }
+    let shared = target.shared_pt_bytes;
+    let (bandwidth, reference) = match interleaved {
+        Some(x) => x,
+        None => {
+            // Not enough memory for both at once: the region's attacher sweeps now, the
+            // reference right after the region is gone.
+            let mut a = fleet.spawn(&spec)?;
+            fleet.report(&mut a, report_limit(size))?;
+            a.send(&format!("sweep {}", opts.sweeps))?;
+            let v = fleet.report(&mut a, report_limit(size) * opts.sweeps)?;
+            fleet.release(vec![a], Duration::from_secs(120))?;
+            drop(target);
+            let r = bandwidth_reference(opts, fleet)?;
+            notes.push(
+                "bandwidth reference measured right after the region was released (both did \
+                 not fit at once)"
+                    .into(),
+            );
+            (v["sweep_gbps"].as_f64().unwrap_or(0.0), r)
+        }
+    };
+    let pt = median(&s.pt_unmap);
+    Ok(ConfigResult {
+        name: config.name().to_string(),
+        attachers: opts.attachers,
+        size_gib: opts.size_gib,
+        pt_bytes_per_attacher_per_gib: pt,
+        faults_per_attacher_per_gib: s.faults_per_gib.iter().sum::<f64>()
+            / s.faults_per_gib.len().max(1) as f64,
+        attach_touch_ms_median: median(&s.attach_ms),
+        attach_touch_ms_p99: percentile(&s.attach_ms, 99.0),
+        bandwidth_ratio: if reference > 0.0 {
+            bandwidth / reference
+        } else {
+            0.0
+        },
+        attachers_measured: measured,
+        note: notes.join("; "),
+        rounds: rounds_done,
+        touch_stride: stride,
+        page_size: s.page_size,
+        huge_mapped_fraction: median(&s.huge_fraction),
+        pt_bytes_per_attacher_per_gib_rounds: s.pt_unmap,
+        pt_bytes_per_attacher_per_gib_vs_control: median(&s.pt_control),
+        vmpte_bytes_per_attacher_per_gib: median(&s.vmpte_per_gib),
+        shared_pt_bytes: shared,
+        pt_bytes_per_attacher_per_gib_with_shared: pt + shared as f64 / (measured as f64 * gibs),
+        faults_max_per_attacher_per_gib: s.faults_per_gib.iter().copied().fold(0.0, f64::max),
+        attach_touch_ms_min: s.attach_ms.iter().copied().fold(f64::INFINITY, f64::min),
+        attach_touch_ms_max: s.attach_ms.iter().copied().fold(0.0, f64::max),
+        open_ms_median: median(&s.open_ms),
+        map_ms_median: median(&s.map_ms),
+        touch_ms_median: median(&s.touch_ms),
+        samples: s.attach_ms.len(),
+        bandwidth_gbps: bandwidth,
+        reference_gbps: reference,
+    })
+}
+
+fn bench(
+    opts: &Opts,
+    fleet: &mut Fleet,
+    work: &WorkDir,
+    p: &mut Progress,
+) -> Result<Report, BenchError> {
+    let started = Instant::now();
+    let load_at_start = kernel_glue::bench_sys::loadavg().map_or(0.0, |l| l[0]);
+    let pool_before = kernel_glue::hugepages::nr_hugepages()
+        .map_err(|e| BenchError::setup("read vm.nr_hugepages", e.into()))?;
+    p.line(format!(
+        "msharefs bench: {} attachers x {} GiB; configurations: {}",
+        opts.attachers,
+        opts.size_gib,
+        opts.configs
+            .iter()
+            .map(|c| c.name())
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+    let control = control_run(opts, fleet, p)?;
+    let mut results = Vec::new();
+    for &c in &opts.configs {
+        results.push(run_config(opts, c, control, work, fleet, p)?);
+    }
+    let pool_after = kernel_glue::hugepages::nr_hugepages()
+        .map_err(|e| BenchError::setup("read vm.nr_hugepages", e.into()))?;
+    if pool_after != pool_before {
+        p.line(format!(
+            "WARNING: vm.nr_hugepages is {pool_after}, was {pool_before} at the start \
+             (another program changed it, or a grant was not given back)"
+        ));
+    }
+    Ok(Report::new(
+        opts.attachers,
+        opts.size_gib,
+        opts.command.clone(),
+        results,
+        control,
+        load_at_start,
+        started.elapsed().as_secs_f64(),
+    ))
+}
+
+/// Runs `msharefs bench`.
+///
+/// # Errors
+/// A bad argument, a failed step or an interrupt, after cleaning up.
+pub fn run(args: BenchArgs) -> io::Result<()> {
+    let opts = Opts::from_args(&args).map_err(io::Error::other)?;
+    let report = match &args.from_json {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)?;
+            Report::from_json(&text).map_err(|e| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{}: not a bench result: {e}", path.display()),
+                )
+            })?
+        }
+        None => measure(&args, &opts)?,
+    };
+    print!("{}", report.table());
+    let write = |path: &PathBuf, body: String| {
+        std::fs::write(path, body).map_err(|source| {
+            io::Error::other(BenchError::Output {
+                path: path.clone(),
+                source,
+            })
+        })
+    };
+    if let Some(path) = &args.json {
+        write(path, report.json())?;
+    }
+    if let Some(path) = &args.csv {
+        write(path, report.csv())?;
+    }
+    if let Some(path) = &args.plot {
+        write(path, report.svg())?;
+    }
+    Ok(())
+}
+
+/// The measuring part of [`run`]: set-up, signals, the pool lock, the run, clean-up.
+fn measure(args: &BenchArgs, opts: &Opts) -> io::Result<Report> {
+    if kernel_glue::process::geteuid() != 0 {
+        return Err(io::Error::other(
+            "msharefs bench needs root (mounts, huge-page pool)",
+        ));
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGHUP,
+    ] {
+        signal_hook::flag::register(sig, stop.clone())?;
+    }
+    let mut p = Progress::new();
+    let _lock = if args.no_pool_lock {
+        None
+    } else {
+        p.line(format!(
+            "taking {TEST_POOL_LOCK} (waits while a test run changes the huge-page pool)"
+        ));
+        Some(kernel_glue::fd::FileLock::exclusive(std::path::Path::new(
+            TEST_POOL_LOCK,
+        ))?)
+    };
+    let work = WorkDir::create()?;
+    let mut fleet = Fleet::new(stop.clone())?;
+    let result = bench(opts, &mut fleet, &work, &mut p);
+    // Attachers, mounts and pool grants are gone by now; the work directory goes next.
+    drop(fleet);
+    drop(work);
+    result.map_err(|e| {
+        if matches!(e, BenchError::Interrupted) {
+            p.line("interrupted: attachers stopped, mounts removed, huge pages given back");
+        }
+        io::Error::other(e)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_are_nearest_rank() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(median(&v), 50.0);
+        assert_eq!(percentile(&v, 99.0), 99.0);
+        assert_eq!(percentile(&[3.0, 1.0, 2.0], 99.0), 3.0);
+        assert_eq!(median(&[]), 0.0);
+        assert_eq!(median(&[7.0]), 7.0);
+    }
+
+    #[test]
+    fn bad_arguments_are_usage_errors() {
+        let base = || BenchArgs {
+            attachers: None,
+            size_gib: None,
+            json: None,
+            csv: None,
+            plot: None,
+            quick: true,
+            configs: vec![],
+            touch_stride: None,
+            rounds: None,
+            sweeps: None,
+            timed: 64,
+            max_secs_per_config: 600,
+            reserve_mib: 3072,
+            no_pool_lock: false,
+            from_json: None,
+        };
+        let o = Opts::from_args(&base()).unwrap();
+        assert_eq!((o.attachers, o.size_gib, o.configs.len()), (4, 1, 4));
+        let mut a = base();
+        a.attachers = Some(0);
+        assert!(matches!(Opts::from_args(&a), Err(BenchError::Usage(_))));
+        let mut a = base();
+        a.touch_stride = Some(12);
+        assert!(matches!(Opts::from_args(&a), Err(BenchError::Usage(_))));
+        let mut a = base();
+        a.plot = Some("x.png".into());
+        assert!(matches!(Opts::from_args(&a), Err(BenchError::Usage(_))));
+        let mut a = base();
+        a.size_gib = Some(u64::MAX);
+        assert!(matches!(Opts::from_args(&a), Err(BenchError::Usage(_))));
+    }
+}
