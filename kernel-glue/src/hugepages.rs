@@ -96,10 +96,21 @@ pub fn grow(pages: u64) -> Result<PoolGrant, PoolError> {
         wanted: pages,
         got: 0,
     })?;
-    let write = set_nr_hugepages(target);
-    let after = nr_hugepages()?;
+    if let Err(e) = set_nr_hugepages(target) {
+        // Not a shortage (e.g. EACCES without privileges): report the real cause.
+        let _ = set_nr_hugepages(before);
+        return Err(e);
+    }
+    let mut after = nr_hugepages()?;
+    if after < target {
+        // Free memory is often there but fragmented into pieces smaller than 2 MiB:
+        // compact once and ask again before calling it a shortage.
+        let _ = std::fs::write("/proc/sys/vm/compact_memory", "1\n");
+        let _ = set_nr_hugepages(target);
+        after = nr_hugepages()?;
+    }
     let got = after.saturating_sub(before);
-    if write.is_err() || got < pages {
+    if got < pages {
         // Give back exactly what this call added.
         if got > 0 {
             set_nr_hugepages(before)?;

@@ -5,6 +5,7 @@
 //! - [`region`]: the Rust API (create, open, attach at a 1 GiB-aligned address, detach);
 //! - the C ABI (`mshare_*` functions, header `include/mshare.h`) is built on `region`.
 
+pub mod anon;
 pub mod ffi;
 pub mod interpose;
 pub mod region;

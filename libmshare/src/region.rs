@@ -181,7 +181,7 @@ impl Region {
             fd
         } else {
             drop(fd);
-            kfd::setxattr(path, uapi::BACKING_XATTR, backing.name().as_bytes(), 0).map_err(undo)?;
+            set_backing_after_close(path, backing).map_err(undo)?;
             kfd::open(path, consts::O_RDWR, 0).map_err(undo)?
         };
         info(&fd).map_err(undo)?;
@@ -272,6 +272,22 @@ impl Region {
             _ => Mapping::map_aligned(&self.fd, self.size, prot, uapi::MSHARE_GRANULE)?,
         };
         Ok(Attachment { mapping })
+    }
+}
+
+/// Chooses the backing of a new region just closed by us. FUSE delivers the close
+/// (`release`) to the daemon asynchronously, and the daemon refuses a change (`EBUSY`)
+/// while a passthrough open of the old backing exists: retry briefly.
+fn set_backing_after_close(path: &Path, backing: Backing) -> io::Result<()> {
+    let mut tries = 0;
+    loop {
+        match kfd::setxattr(path, uapi::BACKING_XATTR, backing.name().as_bytes(), 0) {
+            Err(e) if e.raw_os_error() == Some(EBUSY) && tries < 100 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            r => return r,
+        }
     }
 }
 
