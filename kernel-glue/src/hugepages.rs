@@ -76,6 +76,51 @@ fn lock() -> Result<FileLock, PoolError> {
 /// # Errors
 /// [`PoolError`].
 pub fn grow(pages: u64) -> Result<PoolGrant, PoolError> {
+    let _guard = lock()?;
+    grow_locked(pages)
+}
+
+/// Grows the pool by `pages` and runs `reserve` (which should reserve those pages, e.g.
+/// by a shared hugetlb mapping) before anyone else may change the pool: a concurrent
+/// [`give_back`] would otherwise free the new pages before they are reserved. On failure
+/// of `reserve` the pages are given back and its error returned.
+///
+/// # Errors
+/// [`PoolError`] as an `io::Error` (`ENOMEM` when short), or the error of `reserve`.
+pub fn grow_then<T>(
+    pages: u64,
+    mut reserve: impl FnMut() -> io::Result<T>,
+) -> io::Result<(PoolGrant, T)> {
+    let _guard = lock()?;
+    let mut added = grow_locked(pages)?.into_raw();
+    let mut tries = 0;
+    loop {
+        match reserve() {
+            Ok(v) => return Ok((PoolGrant { pages: added }, v)),
+            // Pages freed and taken by processes outside the lock (attachers unmapping
+            // surplus pages, faults) can leave the pool a little short: add once more.
+            Err(e) if e.raw_os_error() == Some(libc::ENOMEM) && tries < 2 => {
+                tries += 1;
+                match grow_locked(pages) {
+                    Ok(g) => added += g.into_raw(),
+                    Err(_) => {
+                        let _ = give_back_locked(added);
+                        return Err(e);
+                    }
+                }
+            }
+            Err(e) => {
+                // Still under the lock: give back directly (a grant's Drop would lock again).
+                if let Err(g) = give_back_locked(added) {
+                    log::error!("cannot give back huge pages: {g}");
+                }
+                return Err(e);
+            }
+        }
+    }
+}
+
+fn grow_locked(pages: u64) -> Result<PoolGrant, PoolError> {
     if pages == 0 {
         return Ok(PoolGrant { pages: 0 });
     }
@@ -90,36 +135,67 @@ pub fn grow(pages: u64) -> Result<PoolGrant, PoolError> {
             got: 0,
         });
     }
-    let _guard = lock()?;
     let before = nr_hugepages()?;
-    let target = before.checked_add(pages).ok_or(PoolError::Short {
-        wanted: pages,
-        got: 0,
-    })?;
+    let free_before = free_unreserved()?;
+    // Raising the pool first turns surplus pages (given back while still mapped) into
+    // pool pages, which are not free: ask for those too, so `pages` more are really free.
+    // The grant then covers them, and they are given back with it.
+    let surplus = crate::procfs::meminfo()
+        .map_err(PoolError::Sysctl)?
+        .huge_surp;
+    let mut target = before
+        .checked_add(pages)
+        .and_then(|t| t.checked_add(surplus))
+        .ok_or(PoolError::Short {
+            wanted: pages,
+            got: 0,
+        })?;
     if let Err(e) = set_nr_hugepages(target) {
         // Not a shortage (e.g. EACCES without privileges): report the real cause.
         let _ = set_nr_hugepages(before);
         return Err(e);
     }
-    let mut after = nr_hugepages()?;
-    if after < target {
-        // Free memory is often there but fragmented into pieces smaller than 2 MiB:
-        // compact once and ask again before calling it a shortage.
-        let _ = std::fs::write("/proc/sys/vm/compact_memory", "1\n");
+    // Keep raising until `pages` more are really free (more surplus may have appeared);
+    // free memory may also be fragmented: compact once before calling it a shortage.
+    let mut compacted = false;
+    for _ in 0..8 {
+        let gained = free_unreserved()?.saturating_sub(free_before);
+        if gained >= pages {
+            break;
+        }
+        let now = nr_hugepages()?;
+        if now < target && !compacted {
+            let _ = std::fs::write("/proc/sys/vm/compact_memory", "1\n");
+            compacted = true;
+        } else if now >= target {
+            target = now + (pages - gained);
+        } else {
+            break;
+        }
         let _ = set_nr_hugepages(target);
-        after = nr_hugepages()?;
     }
+    let after = nr_hugepages()?;
     let got = after.saturating_sub(before);
-    if got < pages {
+    let gained = free_unreserved()?.saturating_sub(free_before);
+    if gained < pages {
         // Give back exactly what this call added.
         if got > 0 {
             set_nr_hugepages(before)?;
         }
-        log::warn!("huge page pool: wanted {pages} more, kernel delivered {got}");
-        return Err(PoolError::Short { wanted: pages, got });
+        log::warn!("huge page pool: wanted {pages} more free pages, kernel delivered {gained}");
+        return Err(PoolError::Short {
+            wanted: pages,
+            got: gained,
+        });
     }
     log::info!("huge page pool: {before} -> {after}");
-    Ok(PoolGrant { pages })
+    Ok(PoolGrant { pages: got })
+}
+
+/// Free pool pages nobody has reserved.
+fn free_unreserved() -> Result<u64, PoolError> {
+    let m = crate::procfs::meminfo().map_err(PoolError::Sysctl)?;
+    Ok(m.huge_free.saturating_sub(m.huge_rsvd))
 }
 
 /// Gives back `pages` that an earlier [`grow`] added (e.g. recorded across a daemon
@@ -128,10 +204,14 @@ pub fn grow(pages: u64) -> Result<PoolGrant, PoolError> {
 /// # Errors
 /// [`PoolError`].
 pub fn give_back(pages: u64) -> Result<(), PoolError> {
+    let _guard = lock()?;
+    give_back_locked(pages)
+}
+
+fn give_back_locked(pages: u64) -> Result<(), PoolError> {
     if pages == 0 {
         return Ok(());
     }
-    let _guard = lock()?;
     let now = nr_hugepages()?;
     let target = now.saturating_sub(pages);
     set_nr_hugepages(target)?;

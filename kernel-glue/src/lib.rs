@@ -9,6 +9,7 @@
 //! an `io::Error` built from a raw errno), never a rebuilt error that loses it.
 
 pub mod bench_sys;
+pub mod caps;
 pub mod fd;
 pub mod hugepages;
 pub mod mapping;

@@ -15,6 +15,7 @@ use std::os::fd::OwnedFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use kernel_glue::errnos::*;
 use kernel_glue::mapping::Protection;
@@ -25,6 +26,16 @@ use crate::fs::{Core, FsResult, errno_of};
 
 /// Request byte for the statistics report (root only); the reply is JSON until EOF.
 pub const STAT_REQUEST: u8 = b's';
+
+/// How long a client may take to send its request or read the reply.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Pause after a failed `accept` (out of descriptors), so the loop does not spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// `O_PATH` as `fcntl(F_GETFL)` reports it (the value of x86-64 and arm64; kernel-glue's
+/// `consts` does not export it yet).
+const O_PATH: i32 = 0o10_000_000;
 
 /// Binds the socket (replacing a stale one) and serves it on a background thread.
 ///
@@ -46,7 +57,12 @@ pub fn serve(core: Arc<Core>, path: &Path) -> std::io::Result<()> {
                             .name("attach-req".into())
                             .spawn(move || handle(&core, stream));
                     }
-                    Err(e) => log::warn!("attach socket accept: {e}"),
+                    Err(e) => {
+                        // Out of descriptors (EMFILE) or memory: back off instead of
+                        // spinning on a listener that stays readable.
+                        log::warn!("attach socket accept: {e}");
+                        std::thread::sleep(ACCEPT_BACKOFF);
+                    }
                 }
             }
         })?;
@@ -54,6 +70,15 @@ pub fn serve(core: Arc<Core>, path: &Path) -> std::io::Result<()> {
 }
 
 fn handle(core: &Core, stream: UnixStream) {
+    // A client that connects and then says nothing (or never reads the reply) must not
+    // hold a thread and a descriptor of the daemon forever.
+    if let Err(e) = stream
+        .set_read_timeout(Some(CLIENT_TIMEOUT))
+        .and_then(|()| stream.set_write_timeout(Some(CLIENT_TIMEOUT)))
+    {
+        log::debug!("attach socket timeout: {e}");
+        return;
+    }
     let mut req = [0u8; 1];
     let (n, fd) = match socket::recv_with_fd(&stream, &mut req) {
         Ok(x) => x,
@@ -90,7 +115,13 @@ fn attach(core: &Core, stream: &UnixStream, fd: &OwnedFd, prot: Protection) -> F
         // Not a file of this mount (or of an earlier, dead connection).
         return Err(EBADF);
     }
-    let acc = kfd::fcntl_getfl(fd).map_err(|e| errno_of(&e))? & consts::O_ACCMODE;
+    let flags = kfd::fcntl_getfl(fd).map_err(|e| errno_of(&e))?;
+    if flags & O_PATH != 0 {
+        // An O_PATH descriptor is opened without any permission on the file: it proves
+        // nothing (its access-mode bits read as O_RDONLY).
+        return Err(EBADF);
+    }
+    let acc = flags & consts::O_ACCMODE;
     let pid = socket::peer_cred(stream).map(|c| c.pid).unwrap_or(0);
     core.attach_backing(st.ino, acc, prot, pid)
 }

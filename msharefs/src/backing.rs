@@ -163,17 +163,17 @@ impl Stores {
         let fd = self.open_file(s, ino, true)?;
         match s {
             Store::Hugetlb => {
-                let grant = hugepages::grow(size / kernel_glue::HUGE_PAGE_SIZE)?;
-                kfd::ftruncate(&fd, size)?;
                 // A shared hugetlb mapping reserves every page of the range, and the
-                // reservation stays with the file after the mapping is gone.
-                if let Err(e) =
+                // reservation stays with the file after the mapping is gone. Done under
+                // the pool lock, so a concurrent give-back cannot free the new pages first.
+                let (grant, ()) = hugepages::grow_then(size / kernel_glue::HUGE_PAGE_SIZE, || {
+                    kfd::ftruncate(&fd, size)?;
                     Mapping::map_aligned(&fd, size, Protection::ReadWrite, kernel_glue::PUD_SIZE)
-                {
-                    let _ = kfd::ftruncate(&fd, 0);
-                    // The grant goes out of scope here and gives its pages back.
-                    return Err(e);
-                }
+                        .map(drop)
+                        .inspect_err(|_| {
+                            let _ = kfd::ftruncate(&fd, 0);
+                        })
+                })?;
                 Ok(Reserved {
                     pool_pages: grant.into_raw(),
                 })

@@ -245,6 +245,7 @@ fn run_daemon(mnt: &Path, opts: &MountOpts, notify: bool) -> std::io::Result<()>
     // The session threads answer now, so stat of our own root cannot deadlock.
     let dev = kfd::stat(mnt)?.dev;
     let _ = core.fuse_dev.set(dev);
+    crate::hardening::drop_capabilities();
     std::fs::write(state.pid_file(), format!("{}\n", std::process::id()))?;
     log::info!(
         "mounted {} (state {}, default backing {}, passthrough {})",

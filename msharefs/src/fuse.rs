@@ -8,7 +8,7 @@
 //! FUSE page cache. Clients map hugetlb regions through libmshare or the shim.
 
 use std::ffi::OsStr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
@@ -31,12 +31,19 @@ const TTL: Duration = Duration::from_secs(1);
 #[derive(Debug)]
 pub struct MshareFuse {
     core: Arc<Core>,
+    /// Held from the daemon's open decision to the reply: the kernel allows one backing
+    /// file per inode among its open passthrough files (a second one fails the open with
+    /// EIO), so two first opens of an inode must not both register a backing.
+    opening: Mutex<()>,
 }
 
 impl MshareFuse {
     /// Wraps the shared core.
     pub fn new(core: Arc<Core>) -> MshareFuse {
-        MshareFuse { core }
+        MshareFuse {
+            core,
+            opening: Mutex::new(()),
+        }
     }
 }
 
@@ -288,6 +295,7 @@ impl Filesystem for MshareFuse {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let _one = self.opening.lock().unwrap_or_else(|p| p.into_inner());
         match self.core.open(ino.0, flags.0 & consts::O_ACCMODE) {
             Ok((fh, backing, store)) => self.finish_open(ino.0, fh, backing, store, reply),
             Err(e) => reply.error(err(e)),
@@ -311,6 +319,7 @@ impl Filesystem for MshareFuse {
             Ok(n) => n,
             Err(e) => return reply.error(err(e)),
         };
+        let _one = self.opening.lock().unwrap_or_else(|p| p.into_inner());
         let (fh, backing, store) = match self.core.open(node.ino, flags & consts::O_ACCMODE) {
             Ok(x) => x,
             Err(e) => return reply.error(err(e)),

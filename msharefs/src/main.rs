@@ -18,6 +18,7 @@ mod bench;
 mod daemon;
 mod fs;
 mod fuse;
+mod hardening;
 mod hostmm;
 mod paths;
 mod shrinker;
