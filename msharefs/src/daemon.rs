@@ -2,6 +2,7 @@
 //! `msharefs umount` (stop, clean a stale mount, purge).
 
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -124,6 +125,7 @@ fn start_background(mnt: &Path, opts: &MountOpts) -> std::io::Result<()> {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
         .open(state.log_file())?;
     let mut child = Command::new(std::env::current_exe()?)
         .args(&opts.args)

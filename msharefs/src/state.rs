@@ -353,9 +353,16 @@ impl Tree {
     /// Writing or renaming.
     pub fn save(&self, path: &Path) -> io::Result<()> {
         use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
         let tmp: PathBuf = path.with_extension("json.tmp");
         let data = serde_json::to_vec_pretty(self).map_err(io::Error::other)?;
-        let mut f = std::fs::File::create(&tmp)?;
+        // Region names, owners and modes: readable by root only.
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
         f.write_all(&data)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)
