@@ -15,14 +15,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use msharefs_tests::mountguard::Msharefs;
+use msharefs_tests::seeded::{env_u64, seed};
 use msharefs_tests::{Helper, PoolGuard, PoolState, loud, require_privileged};
-
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn stress_bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_mshare-stress"))
@@ -62,12 +56,7 @@ fn many_processes_churn_regions_without_deadlock_or_leak() {
     }
     let procs = env_u64("MSHAREFS_STRESS_PROCS", 16);
     let secs = env_u64("MSHAREFS_STRESS_SECS", 20);
-    let seed = env_u64(
-        "MSHAREFS_STRESS_SEED",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(1, |d| d.as_nanos() as u64),
-    );
+    let seed = seed("MSHAREFS_STRESS_SEED");
     loud(&format!(
         "concurrency: {procs} processes for {secs} s, seed {seed} (MSHAREFS_STRESS_SEED)"
     ));

@@ -15,6 +15,7 @@ use kernel_glue::consts::*;
 use kernel_glue::fd as kfd;
 use mshare::uapi;
 use msharefs_tests::mountguard::Msharefs;
+use msharefs_tests::seeded::{Rng, env_u64, seed};
 use msharefs_tests::{Helper, PoolGuard, loud, require_privileged};
 
 const MIB: u64 = 1 << 20;
@@ -25,25 +26,6 @@ const LIMIT: Duration = Duration::from_secs(60);
 
 fn stress_bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_mshare-stress"))
-}
-
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-/// A small deterministic generator for the kill timing.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n.max(1)
-    }
 }
 
 fn create_region(fs: &Msharefs, name: &str, backing: &str, size: u64) -> std::path::PathBuf {
@@ -87,13 +69,7 @@ fn kill9_at_random_moments_loses_no_record() {
         return;
     }
     let rounds = env_u64("MSHAREFS_CRASH_ROUNDS", 10);
-    let seed = env_u64(
-        "MSHAREFS_CRASH_SEED",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(1, |d| d.as_nanos() as u64)
-            | 1,
-    );
+    let seed = seed("MSHAREFS_CRASH_SEED");
     loud(&format!(
         "crash: {rounds} rounds, seed {seed} (MSHAREFS_CRASH_SEED={seed} repeats the timing)"
     ));

@@ -17,6 +17,7 @@ use kernel_glue::fd as kfd;
 use kernel_glue::mapping::Protection;
 use mshare::uapi::{self, MshareCreate};
 use msharefs_tests::mountguard::Msharefs;
+use msharefs_tests::seeded::env_u64;
 use msharefs_tests::{
     Attach, Helper, PoolGuard, PoolState, Probe, SETTLE, loud, probe_bin, require_privileged,
 };
@@ -24,13 +25,6 @@ use msharefs_tests::{
 const MIB: u64 = 1 << 20;
 const HUGE: u64 = 2 * MIB;
 const LIMIT: Duration = Duration::from_secs(120);
-
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn stress_bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_mshare-stress"))

@@ -20,7 +20,8 @@
 //! - [`helper`]: child processes that cannot outlive the test;
 //! - [`probe`]: the `mshare-probe` binary's arguments, reports and data pattern;
 //! - [`smaps`]: `/proc/PID/smaps` fields kernel-glue does not read yet;
-//! - [`mountguard`]: the workspace's built artifacts and a real msharefs mount.
+//! - [`mountguard`]: the workspace's built artifacts and a real msharefs mount;
+//! - [`seeded`]: run sizes from the environment and a seeded generator, so a run repeats.
 //!
 //! Messages meant for the test log ([`loud`]) bypass libtest's output capture, so they
 //! appear in CI logs whether the test passes or fails.
@@ -1183,3 +1184,58 @@ pub mod smaps {
 
 #[path = "mountguard.rs"]
 pub mod mountguard;
+
+/// Run parameters from the environment and deterministic randomness for the stress tests:
+/// a seed printed by a run repeats it.
+pub mod seeded {
+    /// The `u64` in environment variable `name`, else `default`.
+    pub fn env_u64(name: &str, default: u64) -> u64 {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    }
+
+    /// The seed in environment variable `name`, else one from the clock (never 0, which
+    /// would stall the generator).
+    pub fn seed(name: &str) -> u64 {
+        env_u64(
+            name,
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64)
+                | 1,
+        )
+    }
+
+    /// xorshift64*: the tests' only source of randomness, so a seed repeats a run.
+    #[derive(Debug, Clone)]
+    pub struct Rng(pub u64);
+
+    impl Rng {
+        /// The next value.
+        #[allow(clippy::should_implement_trait)]
+        pub fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+        /// A value in `0..n` (0 for `n` 0).
+        pub fn below(&mut self, n: u64) -> u64 {
+            self.next() % n.max(1)
+        }
+        /// True with `percent` % probability.
+        pub fn chance(&mut self, percent: u64) -> bool {
+            self.below(100) < percent
+        }
+        /// One element of `v`.
+        pub fn pick<T: Clone>(&mut self, v: &[T]) -> T {
+            v[self.below(v.len() as u64) as usize].clone()
+        }
+        /// `n` random bytes.
+        pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+            (0..n).map(|_| self.next() as u8).collect()
+        }
+    }
+}

@@ -33,17 +33,11 @@ use kernel_glue::mapping::{Mapping, Protection};
 use mshare::uapi::{self, MshareCreate};
 use mshare::{Attachment, Region};
 use msharefs_tests::mountguard::Msharefs;
+use msharefs_tests::seeded::{Rng, env_u64, seed};
 use msharefs_tests::{PoolGuard, loud, require_privileged};
 
 const MIB: u64 = 1 << 20;
 const HUGE: u64 = 2 * MIB;
-
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// Raw calls the kernel-glue wrappers deliberately do not offer: any ioctl command with a
 /// buffer big enough for any size the command can encode, and xattr calls with a chosen
@@ -140,30 +134,6 @@ mod sys {
                 len as libc::off_t,
             )
         } as libc::c_long)
-    }
-}
-
-/// xorshift64*: the fuzzer's only source of randomness, so a seed repeats a run.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-    fn pick<T: Clone>(&mut self, v: &[T]) -> T {
-        v[self.below(v.len() as u64) as usize].clone()
-    }
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next() as u8).collect()
     }
 }
 
@@ -1046,13 +1016,7 @@ fn fuzzed_calls_fail_cleanly_and_change_nothing() {
         return;
     }
     let cases = env_u64("MSHAREFS_FUZZ_CASES", 3000);
-    let seed = env_u64(
-        "MSHAREFS_FUZZ_SEED",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(1, |d| d.as_nanos() as u64)
-            | 1,
-    );
+    let seed = seed("MSHAREFS_FUZZ_SEED");
     loud(&format!(
         "fuzz: {cases} calls, seed {seed} (MSHAREFS_FUZZ_SEED={seed} repeats the run)"
     ));
