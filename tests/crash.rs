@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use kernel_glue::consts::*;
 use kernel_glue::fd as kfd;
-use mshare::uapi;
+use mshare::Backing;
 use msharefs_tests::mountguard::Msharefs;
 use msharefs_tests::seeded::{Rng, env_u64, seed};
 use msharefs_tests::{Helper, PoolGuard, loud, require_privileged};
@@ -31,7 +31,8 @@ fn stress_bin() -> &'static Path {
 fn create_region(fs: &Msharefs, name: &str, backing: &str, size: u64) -> std::path::PathBuf {
     let p = fs.path(name);
     drop(kfd::open(&p, O_RDWR | O_CREAT | O_EXCL, 0o600).expect("create region"));
-    kfd::setxattr(&p, uapi::BACKING_XATTR, backing.as_bytes(), 0).expect("choose backing");
+    mshare::set_backing(&p, Backing::from_name(backing).expect("backing name"))
+        .expect("choose backing");
     let fd = kfd::open(&p, O_RDWR, 0).expect("open region");
     kfd::ftruncate(&fd, size).expect("size region");
     p

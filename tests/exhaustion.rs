@@ -15,6 +15,7 @@ use kernel_glue::consts::*;
 use kernel_glue::errnos::*;
 use kernel_glue::fd as kfd;
 use kernel_glue::mapping::Protection;
+use mshare::Backing;
 use mshare::uapi::{self, MshareCreate};
 use msharefs_tests::mountguard::Msharefs;
 use msharefs_tests::seeded::env_u64;
@@ -40,7 +41,7 @@ fn errno<T: std::fmt::Debug>(r: std::io::Result<T>) -> i32 {
 fn new_region(fs: &Msharefs, name: &str, backing: &str) -> PathBuf {
     let p = fs.path(name);
     drop(kfd::open(&p, O_RDWR | O_CREAT | O_EXCL, 0o644).expect("create"));
-    kfd::setxattr(&p, uapi::BACKING_XATTR, backing.as_bytes(), 0).expect("backing");
+    mshare::set_backing(&p, Backing::from_name(backing).expect("backing name")).expect("backing");
     p
 }
 

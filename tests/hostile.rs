@@ -31,7 +31,7 @@ use kernel_glue::errnos::*;
 use kernel_glue::fd as kfd;
 use kernel_glue::mapping::{Mapping, Protection};
 use mshare::uapi::{self, MshareCreate};
-use mshare::{Attachment, Region};
+use mshare::{Attachment, Backing, Region};
 use msharefs_tests::mountguard::Msharefs;
 use msharefs_tests::seeded::{Rng, env_u64, seed};
 use msharefs_tests::{PoolGuard, loud, require_privileged};
@@ -366,7 +366,8 @@ impl<'a> Fuzz<'a> {
         ] {
             let path = mnt.join(name);
             drop(kfd::open(&path, O_RDWR | O_CREAT | O_EXCL, 0o644).expect("create fixture"));
-            kfd::setxattr(&path, uapi::BACKING_XATTR, backing.as_bytes(), 0).expect("backing");
+            mshare::set_backing(&path, Backing::from_name(backing).expect("backing name"))
+                .expect("backing");
             let fd = kfd::open(&path, O_RDWR, 0).expect("open fixture");
             kfd::ftruncate(&fd, size).expect("size fixture");
             let mut req = MshareCreate {
@@ -1186,7 +1187,7 @@ fn attach_socket_refuses_everything_but_a_region_descriptor() {
     drop(kfd::open(&no_size, O_RDWR | O_CREAT | O_EXCL, 0o600).expect("create"));
     let thp = fs.path("thp");
     drop(kfd::open(&thp, O_RDWR | O_CREAT | O_EXCL, 0o600).expect("create"));
-    kfd::setxattr(&thp, uapi::BACKING_XATTR, b"thp", 0).expect("backing");
+    mshare::set_backing(&thp, Backing::Thp).expect("backing");
     kfd::ftruncate(kfd::open(&thp, O_RDWR, 0).expect("open"), 4 * MIB).expect("size");
     let foreign = other.path("r");
     drop(kfd::open(&foreign, O_RDWR | O_CREAT | O_EXCL, 0o600).expect("create"));

@@ -3,6 +3,7 @@
 
 use std::io;
 use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -11,6 +12,7 @@ use kernel_glue::consts::*;
 use kernel_glue::errnos::*;
 use kernel_glue::fd as kfd;
 use kernel_glue::mapping::{Mapping, Protection};
+use mshare::Backing;
 use mshare::uapi::{self, MshareCreate, MshareUnmap};
 use msharefs_tests::mountguard::Msharefs;
 use msharefs_tests::{Attach, Helper, PoolGuard, Probe, loud, probe_bin, require_privileged};
@@ -184,6 +186,13 @@ fn every_error_has_its_errno() {
         EINVAL
     );
     assert_eq!(errno(kfd::setxattr(&p, "user.other", b"x", 0)), EOPNOTSUPP);
+    // Not while the region is open: an open answered for one backing must not meet
+    // another (the kernel would fail it with EIO).
+    assert_eq!(
+        errno(kfd::setxattr(&p, uapi::BACKING_XATTR, b"thp", 0)),
+        EBUSY,
+        "backing change while open"
+    );
     assert_eq!(kfd::getxattr(&p, uapi::BACKING_XATTR).unwrap(), b"hugetlb");
     // The size, once.
     kfd::fallocate(&fd, 0, 8 * MIB).unwrap();
@@ -261,6 +270,26 @@ fn every_error_has_its_errno() {
     assert_eq!(errno(create(&fs.path("r"))), EEXIST);
     assert_eq!(errno(create(&fs.path(&"n".repeat(256)))), ENAMETOOLONG);
     create(&fs.path(&"n".repeat(255))).unwrap();
+    // Names that are not UTF-8 cannot be stored (EINVAL), so none exists (ENOENT).
+    let bad = fs
+        .mountpoint()
+        .join(std::ffi::OsStr::from_bytes(b"bad\x80name"));
+    assert_eq!(errno(std::fs::metadata(&bad)), ENOENT, "lookup");
+    assert_eq!(errno(std::fs::remove_file(&bad)), ENOENT, "unlink");
+    assert_eq!(errno(std::fs::remove_dir(&bad)), ENOENT, "rmdir");
+    assert_eq!(
+        errno(std::fs::rename(&bad, fs.path("x"))),
+        ENOENT,
+        "rename from"
+    );
+    assert_eq!(errno(create(&bad)), EINVAL, "create");
+    assert_eq!(errno(std::fs::create_dir(&bad)), EINVAL, "mkdir");
+    assert_eq!(errno(std::fs::rename(&p, &bad)), EINVAL, "rename to");
+    assert_eq!(
+        std::fs::metadata(&p).unwrap().len(),
+        8 * MIB,
+        "rename changed nothing"
+    );
     assert_eq!(errno(std::fs::remove_file(fs.path("mshare_info"))), EPERM);
     assert_eq!(
         errno(std::fs::rename(fs.path("mshare_info"), fs.path("x"))),
@@ -317,7 +346,7 @@ fn kill9_of_the_daemon_loses_nothing() {
     // A thp region written through a passthrough mapping, non-stop.
     let thp = fs.path("thp");
     drop(create(&thp).unwrap());
-    kfd::setxattr(&thp, uapi::BACKING_XATTR, b"thp", 0).unwrap();
+    mshare::set_backing(&thp, Backing::Thp).unwrap();
     std::fs::OpenOptions::new()
         .write(true)
         .open(&thp)

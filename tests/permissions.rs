@@ -16,7 +16,7 @@ use kernel_glue::caps::{self, CapSet};
 use kernel_glue::consts::*;
 use kernel_glue::fd as kfd;
 use kernel_glue::mapping::Protection;
-use mshare::uapi;
+use mshare::{Backing, uapi};
 use msharefs_tests::mountguard::{Msharefs, artifacts};
 use msharefs_tests::{Attach, PoolGuard, Probe, TempDir, loud, probe_bin, require_privileged};
 use serde_json::{Value, json};
@@ -192,7 +192,7 @@ fn attack(cfg: &Value, gid: u32, preload: Option<&Path>) -> Value {
 fn region(fs: &Msharefs, name: &str, backing: &str, mode: u32, gid: u32) -> PathBuf {
     let p = fs.path(name);
     drop(kfd::open(&p, O_RDWR | O_CREAT | O_EXCL, 0o600).expect("create"));
-    kfd::setxattr(&p, uapi::BACKING_XATTR, backing.as_bytes(), 0).expect("backing");
+    mshare::set_backing(&p, Backing::from_name(backing).expect("backing name")).expect("backing");
     let fd = kfd::open(&p, O_RDWR, 0).expect("open");
     kfd::ftruncate(&fd, SIZE).expect("size");
     std::os::unix::fs::FileExt::write_all_at(&std::fs::File::from(fd), MARKER.as_bytes(), 0)
@@ -455,7 +455,7 @@ fn daemon_threads_keep_only_the_capabilities_they_need() {
     kfd::ftruncate(kfd::open(&h, O_RDWR, 0).expect("open"), 4 * MIB).expect("size");
     let t = fs.path("t");
     drop(kfd::open(&t, O_RDWR | O_CREAT | O_EXCL, 0o600).expect("create"));
-    kfd::setxattr(&t, uapi::BACKING_XATTR, b"thp", 0).expect("backing");
+    mshare::set_backing(&t, Backing::Thp).expect("backing");
     kfd::ftruncate(kfd::open(&t, O_RDWR, 0).expect("open"), 4 * MIB).expect("size");
     std::os::unix::fs::chown(&t, Some(NOBODY), Some(NOBODY)).expect("chown");
     std::fs::set_permissions(&t, std::os::unix::fs::PermissionsExt::from_mode(0o400))

@@ -17,9 +17,10 @@
 //!   and checks, for every writer, the last `min(COUNT, ring size)` records; prints
 //!   `{"checked":N,"lost":M,"first_bad":...}`.
 //! - `churn` creates, attaches, detaches, unlinks and renames regions on `MOUNT` for `S`
-//!   seconds (shared names `s0..sK` that every worker uses, private names `pI-0..pI-P`) and
-//!   prints a JSON summary: operations, errnos met, errnos that no race explains, and the
-//!   slowest operation.
+//!   seconds (shared names `s0..sK` that every worker uses, private names `pI-0..pI-P`,
+//!   both created with libmshare, and shared names `r0..r3` created with the plain uAPI)
+//!   and prints a JSON summary: operations, errnos met, errnos that no race explains, and
+//!   the slowest operation.
 //! - `open-many` opens `PATH` read-only until `N` handles or an error, prints
 //!   `{"opened":N,"errno":E}` and holds the handles until standard input closes.
 //!
@@ -255,9 +256,19 @@ fn verify(args: &[String]) -> ExitCode {
 }
 
 /// Errnos a racing operation can meet with other workers changing the same names: the
-/// name went or came (`ENOENT`, `EEXIST`), a region is not sized yet (`EINVAL`), its
-/// backing changed or is being chosen (`EBUSY`, `ENODEV`), a directory is not empty.
-const RACE_ERRNOS: [i32; 6] = [ENOENT, EEXIST, EINVAL, EBUSY, ENODEV, ENOTEMPTY];
+/// name went or came. Nothing else on libmshare's names: `Region::create` makes a name
+/// appear with its backing and size already set, so no worker finds a region half made.
+const RACE_ERRNOS: [i32; 2] = [ENOENT, EEXIST];
+
+/// Also explained on the raw names (`rK`), whose creators use the plain uAPI (create,
+/// close, choose the backing, open, size) while others open them: a region not sized yet
+/// (`EINVAL`), a backing change refused because another worker has the region open
+/// (`EBUSY`). Never `EIO`: that is the kernel failing an open the daemon answered for a
+/// backing that changed before the kernel applied it.
+const RAW_RACE_ERRNOS: [i32; 4] = [ENOENT, EEXIST, EINVAL, EBUSY];
+
+/// Names shared by every worker that are created through the plain uAPI.
+const RAW_NAMES: u64 = 4;
 
 /// The slowest an operation may be before it counts as stuck.
 const SLOW: Duration = Duration::from_secs(10);
@@ -298,7 +309,21 @@ impl Churn {
         }
     }
 
-    fn record(&mut self, op: &'static str, r: io::Result<()>, took: Duration) {
+    fn raw_name(&mut self) -> PathBuf {
+        let k = self.below(RAW_NAMES);
+        self.mount.join(format!("r{k}"))
+    }
+
+    /// A name for an operation other than create and rename: now and then a raw one.
+    fn any_name(&mut self) -> (PathBuf, &'static [i32]) {
+        if self.below(5) == 0 {
+            (self.raw_name(), &RAW_RACE_ERRNOS)
+        } else {
+            (self.name(), &RACE_ERRNOS)
+        }
+    }
+
+    fn record(&mut self, op: &'static str, r: io::Result<()>, explained: &[i32], took: Duration) {
         *self.ops.entry(op).or_default() += 1;
         if took > self.slowest.0 {
             self.slowest = (took, op.to_string());
@@ -312,7 +337,7 @@ impl Churn {
                 .errors
                 .entry(format!("{op}:{}", errno.unwrap_or(-1)))
                 .or_default() += 1;
-            if !errno.is_some_and(|n| RACE_ERRNOS.contains(&n)) {
+            if !errno.is_some_and(|n| explained.contains(&n)) {
                 let detail = std::mem::take(&mut self.detail);
                 self.unexpect(format!("{op} ({detail}): {e}"));
             }
@@ -329,49 +354,75 @@ impl Churn {
     fn step(&mut self) {
         let start = Instant::now();
         let pick = self.below(100);
-        let (op, r): (&'static str, io::Result<()>) = match pick {
-            0..=19 => {
+        let backing = match self.below(3) {
+            0 => Backing::Hugetlb,
+            1 => Backing::Thp,
+            _ => Backing::Shmem,
+        };
+        let size = (1 + self.below(2)) * kernel_glue::HUGE_PAGE_SIZE;
+        let (op, r, explained): (&'static str, io::Result<()>, &[i32]) = match pick {
+            0..=15 => {
                 let path = self.name();
-                let backing = match self.below(3) {
-                    0 => Backing::Hugetlb,
-                    1 => Backing::Thp,
-                    _ => Backing::Shmem,
-                };
-                let size = (1 + self.below(2)) * kernel_glue::HUGE_PAGE_SIZE;
                 let mode = if self.below(2) == 0 { 0o600 } else { 0o644 };
                 self.detail = format!("{} {} bytes {backing:?}", path.display(), size);
                 (
                     "create",
                     Region::create(&path, size, mode, backing).map(drop),
+                    &RACE_ERRNOS,
+                )
+            }
+            16..=19 => {
+                let path = self.raw_name();
+                (
+                    "create-raw",
+                    self.create_raw(&path, size, backing),
+                    &RAW_RACE_ERRNOS,
                 )
             }
             20..=44 => {
-                let path = self.name();
+                let (path, explained) = self.any_name();
                 let rw = self.below(4) != 0;
                 let r = self.attach(&path, rw);
-                ("attach", r)
+                ("attach", r, explained)
             }
             45..=59 => {
                 if !self.held.is_empty() {
                     let i = self.below(self.held.len() as u64) as usize;
                     self.held.swap_remove(i);
                 }
-                ("detach", Ok(()))
+                ("detach", Ok(()), &RACE_ERRNOS)
             }
             60..=74 => {
-                let path = self.name();
-                ("unlink", std::fs::remove_file(path))
+                let (path, explained) = self.any_name();
+                ("unlink", std::fs::remove_file(path), explained)
             }
             75..=89 => {
+                // Among libmshare's names only: a raw region may be unsized.
                 let (a, b) = (self.name(), self.name());
-                ("rename", std::fs::rename(a, b))
+                ("rename", std::fs::rename(a, b), &RACE_ERRNOS)
             }
             _ => {
-                let path = self.name();
-                ("stat", std::fs::metadata(path).map(drop))
+                let (path, explained) = self.any_name();
+                ("stat", std::fs::metadata(path).map(drop), explained)
             }
         };
-        self.record(op, r, start.elapsed());
+        self.record(op, r, explained, start.elapsed());
+    }
+
+    /// The plain uAPI sequence of a C program that does not use libmshare.
+    fn create_raw(&mut self, path: &Path, size: u64, backing: Backing) -> io::Result<()> {
+        self.detail = format!("{} raw create", path.display());
+        drop(kfd::open(
+            path,
+            O_RDWR | kernel_glue::consts::O_CREAT | kernel_glue::consts::O_EXCL,
+            0o644,
+        )?);
+        self.detail = format!("{} raw backing {backing:?}", path.display());
+        mshare::set_backing(path, backing)?;
+        self.detail = format!("{} raw open", path.display());
+        let fd = kfd::open(path, O_RDWR, 0)?;
+        self.detail = format!("{} raw size {size}", path.display());
+        kfd::ftruncate(&fd, size)
     }
 
     fn attach(&mut self, path: &Path, rw: bool) -> io::Result<()> {

@@ -53,9 +53,9 @@ pub fn errno(errno: i32) -> io::Error {
 /// Re-exported errno values the other crates need, so they never touch `libc` directly.
 pub mod errnos {
     pub use libc::{
-        E2BIG, EACCES, EBADF, EBUSY, EEXIST, EFAULT, EINVAL, EIO, EISDIR, ENAMETOOLONG, ENODATA,
-        ENODEV, ENOENT, ENOMEM, ENOSPC, ENOSYS, ENOTCONN, ENOTDIR, ENOTEMPTY, ENOTTY, EOPNOTSUPP,
-        EOVERFLOW, EPERM, ERANGE, EROFS, EXDEV,
+        E2BIG, EACCES, EBADF, EBUSY, EDQUOT, EEXIST, EFAULT, EINVAL, EIO, EISDIR, ENAMETOOLONG,
+        ENODATA, ENODEV, ENOENT, ENOMEM, ENOSPC, ENOSYS, ENOTCONN, ENOTDIR, ENOTEMPTY, ENOTTY,
+        EOPNOTSUPP, EOVERFLOW, EPERM, ERANGE, EROFS, EXDEV,
     };
 }
 

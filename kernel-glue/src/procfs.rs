@@ -21,6 +21,8 @@ pub struct MemInfo {
     pub huge_surp: u64,
     /// `MemAvailable` in bytes.
     pub mem_available: u64,
+    /// `MemTotal` in bytes.
+    pub mem_total: u64,
 }
 
 fn field_kb(text: &str, key: &str) -> Option<u64> {
@@ -44,6 +46,7 @@ pub fn meminfo() -> io::Result<MemInfo> {
         huge_rsvd: f("HugePages_Rsvd")?,
         huge_surp: f("HugePages_Surp")?,
         mem_available: f("MemAvailable")? * 1024,
+        mem_total: f("MemTotal")? * 1024,
     })
 }
 

@@ -114,7 +114,9 @@ extern "C" {
  * - `backing`: one of `MSHARE_BACKING_*`.
  * - `out`: on success, receives the new handle; release it with `mshare_close`.
  *
- * On failure no file is left behind.
+ * On failure no file is left behind. On msharefs the name appears only once the region
+ * is complete, so other processes never find it unsized: it is built under a hidden name
+ * in the same directory (`.mshare-new.PID.N`) and renamed into place.
  *
  * Returns 0 or a negative errno: `-EEXIST` when `path` exists; `-EINVAL` for a NULL
  * pointer, a zero size or one that is not a multiple of the page size, a bad mode or an

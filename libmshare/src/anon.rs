@@ -243,15 +243,18 @@ pub fn create_anon_region(
         remove: true,
     };
     // msharefs picks a file's data path when it is opened, and a backing cannot change
-    // under an open passthrough file (thp/shmem default mounts): choose the backing with
-    // the file closed, then open it again (as `Region::create` does).
+    // while the file is open (thp/shmem default mounts): choose the backing with the file
+    // closed, retrying until the daemon has seen our close, then open it again (as
+    // `Region::create` does).
     drop(fd);
     let mut path = StackStr::<PATH_MAX>::new();
     path.push(dir.to_bytes())?;
     path.push(b"/")?;
     path.push(file.bytes())?;
-    shim_sys::setxattr(path.as_cstr(), c"user.mshare.backing", b"hugetlb", 0)
-        .map_err(AnonError::SetBacking)?;
+    crate::region::retry_while_busy(|| {
+        shim_sys::setxattr(path.as_cstr(), c"user.mshare.backing", b"hugetlb", 0)
+    })
+    .map_err(AnonError::SetBacking)?;
     let fd = shim_sys::openat(Some(dirfd.as_fd()), file.as_cstr(), consts::O_RDWR, 0)
         .map_err(AnonError::Create)?;
     kfd::ftruncate(&fd, size).map_err(AnonError::SetSize)?;

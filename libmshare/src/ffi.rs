@@ -161,7 +161,9 @@ fn into_handle(region: Region) -> *mut mshare_region {
 /// - `backing`: one of `MSHARE_BACKING_*`.
 /// - `out`: on success, receives the new handle; release it with `mshare_close`.
 ///
-/// On failure no file is left behind.
+/// On failure no file is left behind. On msharefs the name appears only once the region
+/// is complete, so other processes never find it unsized: it is built under a hidden name
+/// in the same directory (`.mshare-new.PID.N`) and renamed into place.
 ///
 /// Returns 0 or a negative errno: `-EEXIST` when `path` exists; `-EINVAL` for a NULL
 /// pointer, a zero size or one that is not a multiple of the page size, a bad mode or an
@@ -449,7 +451,7 @@ fn describe(err: c_int) -> &'static CStr {
         ENOMEM => c"ENOMEM: out of memory, huge pages or aligned address space",
         EACCES => c"EACCES: permission denied (or PROT_WRITE on a read-only handle)",
         EFAULT => c"EFAULT: bad address",
-        EBUSY => c"EBUSY: device or resource busy",
+        EBUSY => c"EBUSY: region busy (its size is set, or it is open while its backing changes)",
         EEXIST => c"EEXIST: region already exists",
         EXDEV => c"EXDEV: cross-device link",
         ENODEV => c"ENODEV: not a region on an msharefs mount",
@@ -473,7 +475,7 @@ fn describe(err: c_int) -> &'static CStr {
         ECONNREFUSED => c"ECONNREFUSED: the msharefs daemon is not running",
         ENOTCONN => c"ENOTCONN: the msharefs mount is disconnected from its daemon",
         ETIMEDOUT => c"ETIMEDOUT: connection timed out",
-        EDQUOT => c"EDQUOT: disk quota exceeded",
+        EDQUOT => c"EDQUOT: the region owner's quota (msharefs mount --user-quota) is exceeded",
         _ => c"unknown error",
     }
 }

@@ -12,4 +12,4 @@ pub mod region;
 pub mod uapi;
 
 pub use kernel_glue::mapping::Protection;
-pub use region::{Attachment, Backing, Region};
+pub use region::{Attachment, Backing, Region, set_backing};

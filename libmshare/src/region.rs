@@ -129,6 +129,10 @@ impl Region {
     /// Creates a region with `O_EXCL` semantics, sets its size (reserving its memory) and
     /// returns it open read-write. On any failure the new file is removed again.
     ///
+    /// On msharefs the name appears atomically, with its backing and size already set:
+    /// the region is built as `DIR/.mshare-new.PID.N` and renamed into place
+    /// (`RENAME_NOREPLACE`). A process killed in between leaves that hidden file behind.
+    ///
     /// # Errors
     /// `EINVAL` for a zero size or one that is not a multiple of the backing's page size;
     /// `EEXIST` when the path exists; `ENOMEM`/`ENOSPC` when the memory cannot be had;
@@ -153,19 +157,17 @@ impl Region {
         if direct && size % kernel_glue::HUGE_PAGE_SIZE != 0 {
             return Err(kernel_glue::errno(EINVAL));
         }
-        let fd = kfd::open(
-            path,
-            consts::O_RDWR | consts::O_CREAT | consts::O_EXCL,
-            mode,
-        )?;
-        let undo = |e: io::Error| {
-            let _ = std::fs::remove_file(path);
-            e
-        };
         if direct {
+            let fd = kfd::open(
+                path,
+                consts::O_RDWR | consts::O_CREAT | consts::O_EXCL,
+                mode,
+            )?;
             // Reserve and allocate every huge page now: a short pool fails here, never
             // as a SIGBUS in an attacher later.
-            kfd::fallocate(&fd, 0, size).map_err(undo)?;
+            kfd::fallocate(&fd, 0, size).inspect_err(|_| {
+                let _ = std::fs::remove_file(path);
+            })?;
             return Ok(Region {
                 fd,
                 size,
@@ -174,19 +176,37 @@ impl Region {
                 kind: Kind::Direct,
             });
         }
+        // Build the region under a hidden temporary name and rename it into place once its
+        // backing and size are set: other processes find either no region or a complete
+        // one, never one whose backing or size is still being chosen.
+        // Fail before reserving memory when the name is taken or unusable (too long, a
+        // missing directory); the rename below is what decides.
+        match kfd::stat(path) {
+            Ok(_) => return Err(kernel_glue::errno(EEXIST)),
+            Err(e) if e.raw_os_error() != Some(ENOENT) => return Err(e),
+            Err(_) => {}
+        }
+        let (tmp, fd) = create_temp(&dir, mode)?;
+        let undo = |e: io::Error| {
+            let _ = std::fs::remove_file(&tmp);
+            e
+        };
         // msharefs picks the data path (FUSE passthrough or not) when a file is opened, and
-        // a backing cannot change under an open passthrough file: choose it with the new
-        // file closed, then open it again.
+        // refuses a backing change while the file is open: choose it with the new file
+        // closed, then open it again.
         let fd = if backing == Backing::Default {
             fd
         } else {
             drop(fd);
-            set_backing_after_close(path, backing).map_err(undo)?;
-            kfd::open(path, consts::O_RDWR, 0).map_err(undo)?
+            set_backing(&tmp, backing).map_err(undo)?;
+            kfd::open(&tmp, consts::O_RDWR, 0).map_err(undo)?
         };
         info(&fd).map_err(undo)?;
         kfd::ftruncate(&fd, size).map_err(undo)?;
-        Self::from_msharefs_fd(fd, true).map_err(undo)
+        kfd::renameat2(&tmp, path, consts::RENAME_NOREPLACE).map_err(undo)?;
+        Self::from_msharefs_fd(fd, true).inspect_err(|_| {
+            let _ = std::fs::remove_file(path);
+        })
     }
 
     /// Opens an existing region; `oflags` access mode is `O_RDONLY` or `O_RDWR`.
@@ -275,18 +295,47 @@ impl Region {
     }
 }
 
-/// Chooses the backing of a new region just closed by us. FUSE delivers the close
-/// (`release`) to the daemon asynchronously, and the daemon refuses a change (`EBUSY`)
-/// while a passthrough open of the old backing exists: retry briefly.
-fn set_backing_after_close(path: &Path, backing: Backing) -> io::Result<()> {
+/// Chooses the backing (`user.mshare.backing`) of a region whose size is not set yet.
+///
+/// msharefs refuses the change (`EBUSY`) while the region is open, and FUSE delivers a
+/// close to the daemon asynchronously, so a region the caller has just created and closed
+/// can look open for a moment: this retries `EBUSY` for up to about 200 ms.
+///
+/// # Errors
+/// `EBUSY` when the region is still open after that (another process has it open) or its
+/// size is set; `EINVAL` for an unknown backing; any `setxattr` errno.
+pub fn set_backing(path: &Path, backing: Backing) -> io::Result<()> {
+    retry_while_busy(|| kfd::setxattr(path, uapi::BACKING_XATTR, backing.name().as_bytes(), 0))
+}
+
+/// Runs `f` again while it fails with `EBUSY`, sleeping 2 ms between tries, at most 100
+/// times. Allocation-free, so the `LD_PRELOAD` shim uses it too.
+pub(crate) fn retry_while_busy<T>(mut f: impl FnMut() -> io::Result<T>) -> io::Result<T> {
     let mut tries = 0;
     loop {
-        match kfd::setxattr(path, uapi::BACKING_XATTR, backing.name().as_bytes(), 0) {
+        match f() {
             Err(e) if e.raw_os_error() == Some(EBUSY) && tries < 100 => {
                 tries += 1;
                 std::thread::sleep(std::time::Duration::from_millis(2));
             }
             r => return r,
+        }
+    }
+}
+
+/// Creates a new region file under a hidden name in `dir` (`O_EXCL`, retrying on a name
+/// collision) for [`Region::create`] to finish and rename into place.
+fn create_temp(dir: &Path, mode: u32) -> io::Result<(PathBuf, OwnedFd)> {
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let flags = consts::O_RDWR | consts::O_CREAT | consts::O_EXCL;
+    let mut tries = 0;
+    loop {
+        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = dir.join(format!(".mshare-new.{}.{seq}", std::process::id()));
+        match kfd::open(&tmp, flags, mode) {
+            // Left behind by a crashed process whose pid we now have.
+            Err(e) if e.raw_os_error() == Some(EEXIST) && tries < 100 => tries += 1,
+            r => return r.map(|fd| (tmp, fd)),
         }
     }
 }

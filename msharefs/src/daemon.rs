@@ -37,6 +37,8 @@ pub struct MountOpts {
     pub table_budget: Option<u64>,
     /// PSI threshold of the shrinker.
     pub psi_threshold: f64,
+    /// Most bytes of region memory each non-root owner may hold; `None`: no limit.
+    pub user_quota: Option<u64>,
     /// Arguments to pass to the background daemon.
     pub args: Vec<String>,
 }
@@ -219,7 +221,13 @@ fn run_daemon(mnt: &Path, opts: &MountOpts, notify: bool) -> std::io::Result<()>
     let stores = Stores::open(&state.dir, hugetlb || has_hugetlb_regions)?;
     let mut tree = saved.unwrap_or_else(|| Tree::new(default));
     tree.default_store = default;
-    let core = Arc::new(Core::new(tree, stores, state.state_file(), socket.clone()));
+    let core = Arc::new(Core::new(
+        tree,
+        stores,
+        state.state_file(),
+        socket.clone(),
+        opts.user_quota,
+    ));
     core.recover();
     crate::attach::serve(core.clone(), &socket)?;
     shrinker::spawn(
@@ -256,6 +264,10 @@ fn run_daemon(mnt: &Path, opts: &MountOpts, notify: bool) -> std::io::Result<()>
         default.name(),
         core.passthrough.get().copied().unwrap_or(false)
     );
+    match opts.user_quota {
+        Some(q) => log::info!("user quota: {q} bytes of region memory per uid (root exempt)"),
+        None => log::info!("user quota: none"),
+    }
     if notify {
         println!("ready");
         let _ = std::io::stdout().flush();

@@ -5,7 +5,7 @@
 //! Locking: one mutex over the metadata (`Inner`). Long work (reserving memory for a new
 //! region size) runs outside it with the region marked busy.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
@@ -75,8 +75,34 @@ pub struct Inner {
     /// Handles by file handle number.
     pub handles: HashMap<u64, Handle>,
     next_fh: u64,
-    /// Regions whose size is being set right now.
-    busy: HashSet<u64>,
+    /// Regions whose size is being set right now, with what they reserve.
+    busy: HashMap<u64, Reservation>,
+}
+
+/// A size being reserved right now (unlocked, see `Core::set_size`). It counts against
+/// its owner's quota before it is committed, so two concurrent size calls cannot both
+/// pass the check.
+#[derive(Debug, Clone, Copy)]
+struct Reservation {
+    /// The owner when it started (a chown meanwhile moves only the committed size).
+    uid: u32,
+    size: u64,
+}
+
+/// Bytes of region memory by owner uid: the sizes of all regions, unlinked-but-open ones
+/// included (their memory stays pinned until the last release), plus reservations in
+/// flight. Every owner of a region appears, with 0 while nothing is sized.
+fn usage_by_owner(inner: &Inner) -> BTreeMap<u32, u64> {
+    let mut used = BTreeMap::new();
+    for (node, r) in inner.tree.regions() {
+        let u: &mut u64 = used.entry(node.uid).or_default();
+        *u = u.saturating_add(r.size);
+    }
+    for res in inner.busy.values() {
+        let u: &mut u64 = used.entry(res.uid).or_default();
+        *u = u.saturating_add(res.size);
+    }
+    used
 }
 
 /// The daemon's shared core: metadata, backing stores, host mm.
@@ -94,18 +120,28 @@ pub struct Core {
     pub fuse_dev: OnceLock<u64>,
     /// Whether the kernel accepted FUSE passthrough.
     pub passthrough: OnceLock<bool>,
+    /// Most bytes of region memory one non-root owner may hold (`--user-quota`); `None`:
+    /// no limit. Sized regions pin memory (huge pages or tmpfs), so without a limit any
+    /// local user could take most of the machine.
+    pub user_quota: Option<u64>,
 }
 
 impl Core {
-    /// A core over a loaded or new tree.
-    pub fn new(tree: Tree, stores: Stores, state_file: PathBuf, socket_path: PathBuf) -> Core {
+    /// A core over a loaded or new tree, with the per-user quota of region memory.
+    pub fn new(
+        tree: Tree,
+        stores: Stores,
+        state_file: PathBuf,
+        socket_path: PathBuf,
+        user_quota: Option<u64>,
+    ) -> Core {
         Core {
             inner: Mutex::new(Inner {
                 tree,
                 open: HashMap::new(),
                 handles: HashMap::new(),
                 next_fh: 1,
-                busy: HashSet::new(),
+                busy: HashMap::new(),
             }),
             stores,
             hostmm: HostMm::default(),
@@ -113,7 +149,13 @@ impl Core {
             socket_path,
             fuse_dev: OnceLock::new(),
             passthrough: OnceLock::new(),
+            user_quota,
         }
+    }
+
+    /// Bytes of region memory each owner holds, as the quota counts them (for reports).
+    pub fn usage(&self) -> BTreeMap<u32, u64> {
+        usage_by_owner(&self.lock())
     }
 
     /// Locks the metadata. A panicked thread must not wedge the daemon: the data is
@@ -381,6 +423,10 @@ impl Core {
     /// must be a positive multiple of the backing's page size. Setting the size a region
     /// already has is a no-op; any other second change is `EINVAL` (regions never shrink,
     /// so `O_TRUNC` of a sized region fails too).
+    ///
+    /// A region owned by a uid other than root may not take its owner past
+    /// `user_quota`: `EDQUOT`, with nothing reserved. The owner, not the caller, is
+    /// charged: the memory stays theirs for as long as the region lives.
     pub fn set_size(&self, ino: u64, size: u64) -> FsResult<()> {
         let store = {
             let mut inner = self.lock();
@@ -396,14 +442,24 @@ impl Core {
             if r.size == size {
                 return Ok(());
             }
-            if r.size != 0 || inner.busy.contains(&ino) {
+            if r.size != 0 || inner.busy.contains_key(&ino) {
                 return Err(EINVAL);
             }
             if size % r.store.page_size() != 0 || i64::try_from(size).is_err() {
                 return Err(EINVAL);
             }
-            let store = r.store;
-            inner.busy.insert(ino);
+            let (store, uid) = (r.store, node.uid);
+            if let Some(limit) = self.user_quota.filter(|_| uid != 0) {
+                let used = usage_by_owner(&inner).get(&uid).copied().unwrap_or(0);
+                if used.saturating_add(size) > limit {
+                    log::info!(
+                        "region {ino}: size {size} refused: uid {uid} holds {used} bytes, \
+                         quota {limit}"
+                    );
+                    return Err(EDQUOT);
+                }
+            }
+            inner.busy.insert(ino, Reservation { uid, size });
             store
         };
         // Reserving can take seconds (tmpfs zeroes every page): do it unlocked.
@@ -439,7 +495,7 @@ impl Core {
         }
         let mut inner = self.lock();
         let default = inner.tree.default_store;
-        let has_backing_id = inner.open.get(&ino).is_some_and(|o| o.backing_id.is_some());
+        let open = inner.open.get(&ino).is_some_and(|o| o.count > 0);
         let node = inner.tree.get(ino).ok_or(ENOENT)?;
         let (mode, uid, gid) = (node.mode, node.uid, node.gid);
         let r = node.region().ok_or(EOPNOTSUPP)?;
@@ -447,8 +503,13 @@ impl Core {
         if new == r.store {
             return Ok(());
         }
-        if r.size != 0 || inner.busy.contains(&ino) || has_backing_id {
-            // Data or a passthrough open already depend on the current backing.
+        if r.size != 0 || inner.busy.contains_key(&ino) || open {
+            // Data or an open file already depend on the current backing. Open files count
+            // even when not passed through: the kernel applies our open replies after we
+            // send them, and a direct-I/O reply applied once the inode has a passthrough
+            // backing fails that open with EIO (fs/fuse/iomode.c). Every answered open
+            // stays counted until its release, which the kernel sends only after it has
+            // dropped the file's I/O mode, so no reply can be in flight across a change.
             return Err(EBUSY);
         }
         let old = r.store;

@@ -86,13 +86,18 @@ fn attr(n: &Node) -> FileAttr {
     }
 }
 
-fn name_str(name: &OsStr) -> FsResult<&str> {
-    // Names are stored as UTF-8 in the state file; other byte strings are refused.
+/// A name to create. Names are stored as UTF-8 in the state file: others are `EINVAL`.
+fn new_name(name: &OsStr) -> FsResult<&str> {
     name.to_str().ok_or(libc_errno::EINVAL)
 }
 
+/// A name to find. One that is not UTF-8 cannot exist, so it is `ENOENT`.
+fn existing_name(name: &OsStr) -> FsResult<&str> {
+    name.to_str().ok_or(libc_errno::ENOENT)
+}
+
 mod libc_errno {
-    pub use kernel_glue::errnos::{EINVAL, ENODATA, ENOTTY, EOPNOTSUPP, EPERM, ERANGE};
+    pub use kernel_glue::errnos::{EINVAL, ENODATA, ENOENT, ENOTTY, EOPNOTSUPP, EPERM, ERANGE};
 }
 
 fn err(e: i32) -> Errno {
@@ -176,7 +181,7 @@ impl Filesystem for MshareFuse {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         reply_entry(
-            name_str(name).and_then(|n| self.core.lookup(parent.0, n)),
+            existing_name(name).and_then(|n| self.core.lookup(parent.0, n)),
             reply,
         )
     }
@@ -240,7 +245,7 @@ impl Filesystem for MshareFuse {
         if mode & 0o170000 != 0o100000 {
             return reply.error(Errno::EPERM);
         }
-        let r = name_str(name).and_then(|n| {
+        let r = new_name(name).and_then(|n| {
             self.core
                 .create_region(parent.0, n, mode_of(mode, umask), req.uid(), req.gid())
         });
@@ -256,7 +261,7 @@ impl Filesystem for MshareFuse {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        let r = name_str(name).and_then(|n| {
+        let r = new_name(name).and_then(|n| {
             self.core
                 .mkdir(parent.0, n, mode_of(mode, umask), req.uid(), req.gid())
         });
@@ -265,14 +270,14 @@ impl Filesystem for MshareFuse {
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         reply_empty(
-            name_str(name).and_then(|n| self.core.unlink(parent.0, n)),
+            existing_name(name).and_then(|n| self.core.unlink(parent.0, n)),
             reply,
         )
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         reply_empty(
-            name_str(name).and_then(|n| self.core.rmdir(parent.0, n)),
+            existing_name(name).and_then(|n| self.core.rmdir(parent.0, n)),
             reply,
         )
     }
@@ -287,8 +292,8 @@ impl Filesystem for MshareFuse {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        let r = name_str(name).and_then(|a| {
-            name_str(newname)
+        let r = existing_name(name).and_then(|a| {
+            new_name(newname)
                 .and_then(|b| self.core.rename(parent.0, a, newparent.0, b, flags.bits()))
         });
         reply_empty(r, reply)
@@ -312,7 +317,7 @@ impl Filesystem for MshareFuse {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let node = match name_str(name).and_then(|n| {
+        let node = match new_name(name).and_then(|n| {
             self.core
                 .create_region(parent.0, n, mode_of(mode, umask), req.uid(), req.gid())
         }) {

@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! msharefs mount MOUNTPOINT [--backing hugetlb|thp|shmem] [--state-dir DIR] [--foreground]
+//!                           [--user-quota SIZE]
 //! msharefs umount MOUNTPOINT [--purge]
 //! msharefs stat MOUNTPOINT [--json]
 //! ```
@@ -53,6 +54,86 @@ enum BackingArg {
     Shmem,
 }
 
+/// `--user-quota`: how much region memory each non-root owner may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum UserQuota {
+    /// A number of bytes.
+    Bytes(u64),
+    /// A percentage of `MemTotal`, resolved when the daemon starts (so a re-executed
+    /// daemon and its parent agree without passing a number between them).
+    PercentOfMemTotal(u8),
+    /// No limit.
+    Unlimited,
+}
+
+/// What `--user-quota` accepts, for error messages.
+const QUOTA_FORMS: &str = "expected bytes (1073741824), a size with K, M, G or T in powers of \
+                           1024 (16G), a percentage of MemTotal (50%) or none";
+
+/// A non-empty run of ASCII digits as a number (`str::parse` alone would take `+5`).
+fn digits(s: &str) -> Option<u64> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
+/// Parses `--user-quota`: `1073741824`, `16G` (K/M/G/T, powers of 1024, any case), `50%`
+/// (of MemTotal, 0 to 100) or `none`. The error becomes clap's message.
+fn parse_user_quota(s: &str) -> Result<UserQuota, String> {
+    if s.eq_ignore_ascii_case("none") {
+        return Ok(UserQuota::Unlimited);
+    }
+    if let Some(p) = s.strip_suffix('%') {
+        return match digits(p) {
+            Some(p) if p <= 100 => Ok(UserQuota::PercentOfMemTotal(p as u8)),
+            _ => Err("a percentage of MemTotal is a whole number from 0 to 100".to_string()),
+        };
+    }
+    let (number, shift) = match s.as_bytes().last() {
+        Some(b'k' | b'K') => (&s[..s.len() - 1], 10),
+        Some(b'm' | b'M') => (&s[..s.len() - 1], 20),
+        Some(b'g' | b'G') => (&s[..s.len() - 1], 30),
+        Some(b't' | b'T') => (&s[..s.len() - 1], 40),
+        _ => (s, 0),
+    };
+    let n = digits(number).ok_or_else(|| QUOTA_FORMS.to_string())?;
+    n.checked_mul(1 << shift)
+        .map(UserQuota::Bytes)
+        .ok_or_else(|| "more than 2^64 - 1 bytes".to_string())
+}
+
+impl UserQuota {
+    /// The limit in bytes (`None`: no limit); `mem_total` is read only for a percentage.
+    fn limit(
+        self,
+        mem_total: impl FnOnce() -> std::io::Result<u64>,
+    ) -> std::io::Result<Option<u64>> {
+        Ok(match self {
+            UserQuota::Bytes(b) => Some(b),
+            UserQuota::PercentOfMemTotal(p) => {
+                // p <= 100, so the result fits in u64.
+                Some((u128::from(mem_total()?) * u128::from(p) / 100) as u64)
+            }
+            UserQuota::Unlimited => None,
+        })
+    }
+}
+
+/// The quota line of `msharefs stat`, from the report's `quota` object.
+fn quota_line(q: &serde_json::Value) -> String {
+    let mib = |x: &serde_json::Value| x.as_u64().unwrap_or(0) >> 20;
+    let limit = match q["limit_bytes"].as_u64() {
+        Some(_) => format!("{} MiB per user (root exempt)", mib(&q["limit_bytes"])),
+        None => "none".to_string(),
+    };
+    let mut line = format!("quota: {limit}");
+    for u in q["users"].as_array().into_iter().flatten() {
+        line += &format!("; uid {}: {} MiB used", u["uid"], mib(&u["used_bytes"]));
+    }
+    line
+}
+
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Mount msharefs; returns once the mount is live.
@@ -78,6 +159,11 @@ enum Cmd {
         /// percent) passes this.
         #[arg(long, default_value_t = 10.0)]
         psi_threshold: f64,
+        /// Most region memory each user other than root may own: bytes, K/M/G/T (powers
+        /// of 1024, e.g. 16G), a percentage of MemTotal (e.g. 50%), or none. Sizing a
+        /// region past it fails with EDQUOT; regions root chowns to a user still count.
+        #[arg(long, value_name = "SIZE", default_value = "50%", value_parser = parse_user_quota)]
+        user_quota: UserQuota,
     },
     /// Stop the daemon and remove the mount; region data stays unless --purge.
     Umount {
@@ -181,6 +267,10 @@ fn stat(mountpoint: &std::path::Path, json: bool) -> std::io::Result<()> {
         mib(&t["pt_bytes_4k_equivalent"]),
         t["pool_pages_added"].as_u64().unwrap_or(0)
     );
+    // A daemon older than the quota has no such object.
+    if let Some(q) = v.get("quota") {
+        println!("{}", quota_line(q));
+    }
     Ok(())
 }
 
@@ -195,22 +285,28 @@ fn main() -> ExitCode {
             foreground,
             table_budget,
             psi_threshold,
+            user_quota,
         } => {
             // The background daemon is started with the same arguments plus --foreground.
             let args: Vec<String> = std::env::args().skip(1).collect();
-            daemon::mount(daemon::MountOpts {
-                mountpoint,
-                backing: backing.map(|b| match b {
-                    BackingArg::Hugetlb => state::Store::Hugetlb,
-                    BackingArg::Thp => state::Store::Thp,
-                    BackingArg::Shmem => state::Store::Shmem,
-                }),
-                state_dir,
-                foreground,
-                table_budget,
-                psi_threshold,
-                args,
-            })
+            user_quota
+                .limit(|| kernel_glue::procfs::meminfo().map(|m| m.mem_total))
+                .and_then(|user_quota| {
+                    daemon::mount(daemon::MountOpts {
+                        mountpoint,
+                        backing: backing.map(|b| match b {
+                            BackingArg::Hugetlb => state::Store::Hugetlb,
+                            BackingArg::Thp => state::Store::Thp,
+                            BackingArg::Shmem => state::Store::Shmem,
+                        }),
+                        state_dir,
+                        foreground,
+                        table_budget,
+                        psi_threshold,
+                        user_quota,
+                        args,
+                    })
+                })
         }
         Cmd::Umount { mountpoint, purge } => daemon::umount(&mountpoint, purge),
         Cmd::Stat { mountpoint, json } => stat(&mountpoint, json),
@@ -223,5 +319,97 @@ fn main() -> ExitCode {
             eprintln!("msharefs: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_quota_forms() {
+        use UserQuota::*;
+        assert_eq!(parse_user_quota("1073741824"), Ok(Bytes(1 << 30)));
+        assert_eq!(parse_user_quota("0"), Ok(Bytes(0)));
+        assert_eq!(parse_user_quota("64M"), Ok(Bytes(64 << 20)));
+        assert_eq!(parse_user_quota("16G"), Ok(Bytes(16 << 30)));
+        assert_eq!(parse_user_quota("16g"), Ok(Bytes(16 << 30)));
+        assert_eq!(parse_user_quota("3k"), Ok(Bytes(3 << 10)));
+        assert_eq!(parse_user_quota("2T"), Ok(Bytes(2 << 40)));
+        assert_eq!(parse_user_quota("50%"), Ok(PercentOfMemTotal(50)));
+        assert_eq!(parse_user_quota("100%"), Ok(PercentOfMemTotal(100)));
+        assert_eq!(parse_user_quota("0%"), Ok(PercentOfMemTotal(0)));
+        assert_eq!(parse_user_quota("none"), Ok(Unlimited));
+        assert_eq!(parse_user_quota("NONE"), Ok(Unlimited));
+        assert_eq!(
+            parse_user_quota("18446744073709551615"),
+            Ok(Bytes(u64::MAX))
+        );
+    }
+
+    #[test]
+    fn bad_user_quotas_are_refused_with_a_reason() {
+        for bad in [
+            "",
+            "G",
+            "16X",
+            "16GB",
+            "16 G",
+            " 16G",
+            "-1",
+            "+5",
+            "1.5G",
+            "101%",
+            "-5%",
+            "%",
+            "50 %",
+            "1e9",
+            "unlimited",
+            "16G%",
+        ] {
+            assert!(parse_user_quota(bad).is_err(), "{bad:?} was accepted");
+        }
+        assert!(parse_user_quota("16X").unwrap_err().contains("16G"));
+        assert!(parse_user_quota("101%").unwrap_err().contains("0 to 100"));
+        assert!(
+            parse_user_quota("16777216T")
+                .unwrap_err()
+                .contains("more than")
+        );
+        assert!(parse_user_quota("18446744073709551616").is_err());
+    }
+
+    #[test]
+    fn user_quota_limits() {
+        let never = || -> std::io::Result<u64> { panic!("MemTotal read for a fixed size") };
+        assert_eq!(UserQuota::Bytes(5).limit(never).unwrap(), Some(5));
+        assert_eq!(UserQuota::Unlimited.limit(never).unwrap(), None);
+        let total = || Ok(24 << 30);
+        assert_eq!(
+            UserQuota::PercentOfMemTotal(50).limit(total).unwrap(),
+            Some(12 << 30)
+        );
+        assert_eq!(
+            UserQuota::PercentOfMemTotal(100)
+                .limit(|| Ok(u64::MAX))
+                .unwrap(),
+            Some(u64::MAX)
+        );
+        let fails = || Err(std::io::Error::other("no /proc"));
+        assert!(UserQuota::PercentOfMemTotal(50).limit(fails).is_err());
+    }
+
+    #[test]
+    fn quota_line_reads_the_report() {
+        let q = serde_json::json!({
+            "limit_bytes": 12u64 << 30,
+            "users": [{"uid": 0, "used_bytes": 256u64 << 20}, {"uid": 1000, "used_bytes": 4u64 << 30}],
+        });
+        assert_eq!(
+            quota_line(&q),
+            "quota: 12288 MiB per user (root exempt); uid 0: 256 MiB used; uid 1000: 4096 MiB used"
+        );
+        let q = serde_json::json!({"limit_bytes": null, "users": []});
+        assert_eq!(quota_line(&q), "quota: none");
     }
 }

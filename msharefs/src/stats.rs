@@ -1,5 +1,6 @@
-//! The `msharefs stat` report: regions, attached processes, cached table sets, and the
-//! page-table bytes attachers use against what 4 KiB pages would cost them.
+//! The `msharefs stat` report: regions, attached processes, cached table sets, the
+//! page-table bytes attachers use against what 4 KiB pages would cost them, and each
+//! owner's use of the per-user quota.
 //!
 //! Attached processes come from the kernel: every process whose `/proc/PID/maps` has a
 //! mapping of the region's backing file or of its msharefs file (passthrough mappings show
@@ -78,6 +79,24 @@ pub struct Totals {
     pub tables_cached_bytes: u64,
 }
 
+/// One owner's region memory, as the quota counts it.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct UserUsage {
+    /// Owner uid.
+    pub uid: u32,
+    /// Sizes of its regions (unlinked-but-open ones included) plus sizes being reserved.
+    pub used_bytes: u64,
+}
+
+/// The per-user quota (`--user-quota`) and what each owner of a region uses of it.
+#[derive(Debug, Clone, Serialize)]
+pub struct QuotaReport {
+    /// Bytes each non-root owner may hold; `null`: no limit. Root is exempt.
+    pub limit_bytes: Option<u64>,
+    /// Every uid that owns a region, in uid order (root included, for information).
+    pub users: Vec<UserUsage>,
+}
+
 /// The whole report (`msharefs stat --json` prints it).
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
@@ -85,6 +104,8 @@ pub struct Report {
     pub regions: Vec<RegionReport>,
     /// Totals.
     pub totals: Totals,
+    /// The per-user quota and its use.
+    pub quota: QuotaReport,
 }
 
 /// Page-table bytes one process pays for a mapping of `len` bytes starting at `start`.
@@ -179,7 +200,19 @@ pub fn report(core: &Core) -> Report {
         regions.push(row);
     }
     totals.tables_cached_bytes = core.hostmm.cached_bytes();
-    Report { regions, totals }
+    let quota = QuotaReport {
+        limit_bytes: core.user_quota,
+        users: core
+            .usage()
+            .into_iter()
+            .map(|(uid, used_bytes)| UserUsage { uid, used_bytes })
+            .collect(),
+    };
+    Report {
+        regions,
+        totals,
+        quota,
+    }
 }
 
 #[cfg(test)]
