@@ -6,7 +6,7 @@ use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kernel_glue::consts::*;
 use kernel_glue::errnos::*;
@@ -15,7 +15,9 @@ use kernel_glue::mapping::{Mapping, Protection};
 use mshare::Backing;
 use mshare::uapi::{self, MshareCreate, MshareUnmap};
 use msharefs_tests::mountguard::Msharefs;
-use msharefs_tests::{Attach, Helper, PoolGuard, Probe, loud, probe_bin, require_privileged};
+use msharefs_tests::{
+    Attach, Helper, PoolGuard, PoolState, Probe, SETTLE, loud, probe_bin, require_privileged,
+};
 
 const MIB: u64 = 1 << 20;
 
@@ -557,4 +559,63 @@ fn read_and_write_through_the_file_match_the_mapping() {
     let partial = f.write_at(b"abcdef", size - 3).unwrap();
     assert_eq!(partial, 3);
     assert_eq!(std::fs::metadata(&p).unwrap().len(), size);
+}
+
+/// Python creator that dies mid-create: sizes a region under libmshare's temporary name
+/// (as `Region::create` does before its rename), then waits to be killed.
+const PY_HALF_CREATE: &str = r#"
+import os, sys
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+os.ftruncate(fd, int(sys.argv[2]))
+print("sized", flush=True)
+sys.stdin.read()
+"#;
+
+#[test]
+fn a_creator_killed_before_naming_its_region_leaks_no_memory() {
+    if !require_privileged("a_creator_killed_before_naming_its_region_leaks_no_memory") {
+        return;
+    }
+    let pool = PoolGuard::new();
+    let before = pool.before().nr_hugepages;
+    let fs = Msharefs::mount("half-create", &["--backing", "hugetlb"]);
+    let hidden = fs.path(&format!("{}4242.0", uapi::CREATING_PREFIX));
+    let mut creator = Helper::spawn(
+        "half creator",
+        Path::new("python3"),
+        [
+            "-c",
+            PY_HALF_CREATE,
+            hidden.to_str().unwrap(),
+            &(8 * MIB).to_string(),
+        ],
+    )
+    .expect("spawn creator");
+    assert_eq!(creator.read_line(Duration::from_secs(30)).unwrap(), "sized");
+    assert_eq!(kernel_glue::hugepages::nr_hugepages().unwrap(), before + 4);
+    // A region with a plain name outlives its creator; one under the temporary name
+    // whose size is not set holds no memory and stays too (its creator may be between
+    // choosing the backing and opening it again).
+    drop(kfd::ftruncate(create(&fs.path("kept")).unwrap(), 4 * MIB));
+    let not_sized = fs.path(&format!("{}4242.1", uapi::CREATING_PREFIX));
+    drop(create(&not_sized).unwrap());
+    creator.kill().unwrap();
+    let gone = Instant::now() + Duration::from_secs(10);
+    while kfd::stat(&hidden).is_ok() && Instant::now() < gone {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(
+        errno(kfd::stat(&hidden)),
+        ENOENT,
+        "abandoned region removed"
+    );
+    let pool_now = PoolState::wait_until(SETTLE, |s| s.nr_hugepages == before + 2);
+    assert_eq!(
+        pool_now.nr_hugepages,
+        before + 2,
+        "its 4 huge pages given back"
+    );
+    assert_eq!(kfd::stat(&fs.path("kept")).unwrap().size, 4 * MIB);
+    assert_eq!(kfd::stat(&not_sized).unwrap().size, 0);
+    assert!(fs.log().contains("its creator closed it before naming it"));
 }

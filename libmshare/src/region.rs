@@ -131,7 +131,8 @@ impl Region {
     ///
     /// On msharefs the name appears atomically, with its backing and size already set:
     /// the region is built as `DIR/.mshare-new.PID.N` and renamed into place
-    /// (`RENAME_NOREPLACE`). A process killed in between leaves that hidden file behind.
+    /// (`RENAME_NOREPLACE`). If the process dies in between, the daemon removes the
+    /// hidden region once sized (see [`uapi::CREATING_PREFIX`]).
     ///
     /// # Errors
     /// `EINVAL` for a zero size or one that is not a multiple of the backing's page size;
@@ -331,7 +332,11 @@ fn create_temp(dir: &Path, mode: u32) -> io::Result<(PathBuf, OwnedFd)> {
     let mut tries = 0;
     loop {
         let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let tmp = dir.join(format!(".mshare-new.{}.{seq}", std::process::id()));
+        let tmp = dir.join(format!(
+            "{}{}.{seq}",
+            uapi::CREATING_PREFIX,
+            std::process::id()
+        ));
         match kfd::open(&tmp, flags, mode) {
             // Left behind by a crashed process whose pid we now have.
             Err(e) if e.raw_os_error() == Some(EEXIST) && tries < 100 => tries += 1,

@@ -13,6 +13,10 @@ pub const MSHARE_INFO_NAME: &str = "mshare_info";
 pub const MSHARE_GRANULE: u64 = 1 << 30;
 /// Extended attribute that chooses a region's backing before its size is set.
 pub const BACKING_XATTR: &str = "user.mshare.backing";
+/// Names starting with this are regions being created by libmshare, renamed into place
+/// once sized. The daemon removes such a region, if sized, when its last descriptor
+/// closes before the rename: its creator died and no one else will ever name it.
+pub const CREATING_PREFIX: &str = ".mshare-new.";
 
 const fn ioc(dir: u32, nr: u32, size: usize) -> u32 {
     (dir << 30) | ((size as u32) << 16) | ((b'x' as u32) << 8) | nr

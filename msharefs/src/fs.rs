@@ -105,6 +105,13 @@ fn usage_by_owner(inner: &Inner) -> BTreeMap<u32, u64> {
     used
 }
 
+/// A sized region still under libmshare's temporary name (`uapi::CREATING_PREFIX`) has
+/// been sized through a descriptor its creator keeps open until the rename; once that
+/// closes, the creator is gone and the reserved memory would otherwise stay pinned.
+fn abandoned_creation(n: &Node) -> bool {
+    n.name.starts_with(uapi::CREATING_PREFIX) && n.region().is_some_and(|r| r.size > 0)
+}
+
 /// The daemon's shared core: metadata, backing stores, host mm.
 #[derive(Debug)]
 pub struct Core {
@@ -592,6 +599,10 @@ impl Core {
             inner.open.remove(&h.ino);
             if inner.tree.get(h.ino).is_some_and(|n| n.orphan) {
                 self.destroy(&mut inner, h.ino);
+                let _ = self.persist(&inner);
+            } else if inner.tree.get(h.ino).is_some_and(abandoned_creation) {
+                log::info!("region {}: its creator closed it before naming it", h.ino);
+                self.remove_entry(&mut inner, h.ino);
                 let _ = self.persist(&inner);
             }
         }
