@@ -385,7 +385,10 @@ fn kill9_of_the_daemon_loses_nothing() {
 
     std::thread::sleep(Duration::from_millis(300));
     fs.kill9();
-    assert_eq!(errno(std::fs::metadata(fs.path("thp"))), ENOTCONN);
+    // A request that meets the kernel aborting the connection gets ECONNABORTED, later
+    // ones ENOTCONN.
+    let dead = errno(std::fs::metadata(fs.path("thp")));
+    assert!(dead == ENOTCONN || dead == ECONNABORTED, "errno {dead}");
     std::thread::sleep(Duration::from_millis(300));
     fs.start();
 
