@@ -276,6 +276,8 @@ struct Fuzz<'a> {
     tree: serde_json::Value,
     histogram: BTreeMap<String, u64>,
     oddities: Vec<String>,
+    /// Failed calls during which an earlier close ended an unlinked region.
+    late_releases: u64,
     /// A descriptor or mapping was dropped in this step: the kernel sends its RELEASE to
     /// the daemon asynchronously, and the last release of an unlinked region ends it.
     released: bool,
@@ -300,6 +302,20 @@ fn settled_tree(fs: &Msharefs) -> serde_json::Value {
         }
         last = now;
     }
+}
+
+/// `before` less the unlinked regions (orphans) that `after` no longer has. An orphan
+/// ends when the daemon handles the release of its last descriptor, which can arrive
+/// after `settled_tree` gave up waiting and so during a later call; no call can cause
+/// that, so it is not a change that call made.
+fn with_late_releases(before: &serde_json::Value, after: &serde_json::Value) -> serde_json::Value {
+    let mut expected = before.clone();
+    if let Some(nodes) = expected["nodes"].as_object_mut() {
+        nodes.retain(|ino, n| {
+            !n["orphan"].as_bool().unwrap_or(false) || after["nodes"].get(ino).is_some()
+        });
+    }
+    expected
 }
 
 /// The daemon's in-memory view of the regions, from the `stat` report, in the shape the
@@ -418,6 +434,7 @@ impl<'a> Fuzz<'a> {
             attached: Vec::new(),
             histogram: BTreeMap::new(),
             oddities: Vec::new(),
+            late_releases: 0,
             released: false,
         }
     }
@@ -886,11 +903,16 @@ impl<'a> Fuzz<'a> {
         };
         match &o.result {
             Err(_) => {
+                let expected = with_late_releases(&self.tree, &tree);
                 assert_eq!(
-                    tree, self.tree,
+                    tree, expected,
                     "a failed call changed the persisted tree: {}",
                     o.what
                 );
+                if expected != self.tree {
+                    self.late_releases += 1;
+                    self.tree = tree;
+                }
                 if o.fixture {
                     for f in &self.fixtures {
                         assert_eq!(
@@ -944,6 +966,7 @@ fn errno_name(e: i32) -> String {
         (EOVERFLOW, "EOVERFLOW"),
         (libc::ELOOP, "ELOOP"),
         (libc::ESPIPE, "ESPIPE"),
+        (EDQUOT, "EDQUOT"),
     ];
     names
         .iter()
@@ -1080,10 +1103,11 @@ fn fuzzed_calls_fail_cleanly_and_change_nothing() {
         .collect();
     loud(&format!(
         "fuzz: {cases} calls in {:.1} s (slowest {} ms: {}), daemon alive, no panic; \
-         outcomes: {}",
+         {} failed calls saw an earlier close end an unlinked region; outcomes: {}",
         elapsed.as_secs_f64(),
         slowest.0.as_millis(),
         slowest.1,
+        fuzz.late_releases,
         histogram.join(", ")
     ));
     if !fuzz.oddities.is_empty() {
