@@ -7,17 +7,12 @@
 //! `CI` set it fails. It holds `/run/msharefs/test-pool.lock` for its whole run (and tells
 //! the bench so, with `--no-pool-lock`), so no other test changes the pool meanwhile.
 
-use std::io::Write;
-use std::os::unix::fs::FileTypeExt;
-use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use kernel_glue::fd::FileLock;
-use kernel_glue::hugepages;
 use msharefs_tests::mountguard::msharefs_bin;
+use msharefs_tests::{PoolGuard, TempDir, loud, require_privileged};
 
-const TEST_POOL_LOCK: &str = "/run/msharefs/test-pool.lock";
 const CONFIGS: [&str; 4] = [
     "shmem-4k",
     "hugetlb-kernel-placed",
@@ -36,75 +31,6 @@ const NUMBER_FIELDS: [&str; 7] = [
 /// `--quick` takes well under a minute here; allow a slow CI machine.
 const LIMIT: Duration = Duration::from_secs(600);
 
-fn loud(msg: &str) {
-    let _ = writeln!(std::io::stderr().lock(), "{msg}");
-}
-
-/// Root, `/dev/fuse` and hugetlbfs, or: with `CI` set a failure, otherwise a loud skip.
-fn privileged(test: &str) -> bool {
-    let mut missing = Vec::new();
-    if kernel_glue::process::geteuid() != 0 {
-        missing.push("root");
-    }
-    if !std::fs::metadata("/dev/fuse").is_ok_and(|m| m.file_type().is_char_device()) {
-        missing.push("the /dev/fuse character device");
-    }
-    let fs = std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
-    if !fs
-        .lines()
-        .any(|l| l.split_whitespace().last() == Some("hugetlbfs"))
-    {
-        missing.push("hugetlbfs");
-    }
-    if missing.is_empty() {
-        return true;
-    }
-    let msg = format!("{test} needs {}", missing.join(", "));
-    if std::env::var_os("CI").is_some_and(|v| !v.is_empty()) {
-        panic!("CI is set, so this test may not skip: {msg}");
-    }
-    loud(&format!(
-        "SKIPPED: {msg}. Run as root on a machine with FUSE and hugetlbfs; \
-         with CI=1 a missing requirement fails the test."
-    ));
-    false
-}
-
-/// A scratch directory removed on drop.
-struct Scratch(PathBuf);
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Checks on drop (also while a failing test unwinds) that `vm.nr_hugepages` is back to
-/// what it was; gives back any difference and reports it.
-struct PoolCheck {
-    before: u64,
-}
-
-impl Drop for PoolCheck {
-    fn drop(&mut self) {
-        let now = hugepages::nr_hugepages().expect("read vm.nr_hugepages");
-        if now == self.before {
-            return;
-        }
-        let msg = format!(
-            "HUGE PAGE POOL NOT RESTORED: vm.nr_hugepages is {now}, was {}",
-            self.before
-        );
-        loud(&msg);
-        if now > self.before {
-            let _ = hugepages::give_back(now - self.before);
-        }
-        if !std::thread::panicking() {
-            panic!("{msg}");
-        }
-    }
-}
-
 fn bench_leftovers() -> Vec<String> {
     kernel_glue::mount::mounts()
         .unwrap_or_default()
@@ -116,28 +42,21 @@ fn bench_leftovers() -> Vec<String> {
 
 #[test]
 fn bench_quick_produces_every_field() {
-    if !privileged("bench_quick_produces_every_field") {
+    if !require_privileged("bench_quick_produces_every_field") {
         return;
     }
     // The daemon binary of the code under test, built on first use (see mountguard):
     // before taking the pool lock, so a build does not hold up other tests.
     let bin = msharefs_bin();
-    let _lock = FileLock::exclusive(Path::new(TEST_POOL_LOCK))
-        .unwrap_or_else(|e| panic!("cannot lock {TEST_POOL_LOCK}: {e}"));
-    let _pool = PoolCheck {
-        before: hugepages::nr_hugepages().expect("read vm.nr_hugepages"),
-    };
-    let dir = Scratch(
-        std::env::temp_dir().join(format!("msharefs-test-bench-quick-{}", std::process::id())),
-    );
-    std::fs::create_dir_all(&dir.0).expect("scratch directory");
+    let _pool = PoolGuard::new();
+    let dir = TempDir::new("bench-quick").expect("scratch directory");
     let (json, csv, svg) = (
-        dir.0.join("bench.json"),
-        dir.0.join("bench.csv"),
-        dir.0.join("bench.svg"),
+        dir.path().join("bench.json"),
+        dir.path().join("bench.csv"),
+        dir.path().join("bench.svg"),
     );
-    let stdout = std::fs::File::create(dir.0.join("stdout")).expect("stdout file");
-    let stderr = std::fs::File::create(dir.0.join("stderr")).expect("stderr file");
+    let stdout = std::fs::File::create(dir.path().join("stdout")).expect("stdout file");
+    let stderr = std::fs::File::create(dir.path().join("stderr")).expect("stderr file");
     let mut child = Command::new(&bin)
         .args(["bench", "--quick", "--no-pool-lock", "--json"])
         .arg(&json)
@@ -165,8 +84,8 @@ fn bench_quick_produces_every_field() {
         }
         std::thread::sleep(Duration::from_millis(100));
     };
-    let out = std::fs::read_to_string(dir.0.join("stdout")).unwrap_or_default();
-    let err = std::fs::read_to_string(dir.0.join("stderr")).unwrap_or_default();
+    let out = std::fs::read_to_string(dir.path().join("stdout")).unwrap_or_default();
+    let err = std::fs::read_to_string(dir.path().join("stderr")).unwrap_or_default();
     loud(&format!("msharefs bench --quick output:\n{out}"));
     let status = status.unwrap_or_else(|| panic!("msharefs bench --quick hung:\n{err}"));
     assert!(

@@ -18,21 +18,10 @@ use std::time::{Duration, Instant};
 
 use msharefs_tests::mountguard::Msharefs;
 use msharefs_tests::seeded::{env_u64, seed};
-use msharefs_tests::{Helper, PoolGuard, PoolState, loud, require_privileged};
+use msharefs_tests::{Helper, PoolGuard, PoolState, loud, require_privileged, thread_stacks};
 
 fn stress_bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_mshare-stress"))
-}
-
-fn stacks(pid: u32, label: &str) -> String {
-    let mut out = format!("{label} {pid}:\n");
-    for tid in kernel_glue::caps::thread_ids(pid).unwrap_or_default() {
-        let base = format!("/proc/{pid}/task/{tid}");
-        let comm = std::fs::read_to_string(format!("{base}/comm")).unwrap_or_default();
-        let stack = std::fs::read_to_string(format!("{base}/stack")).unwrap_or_default();
-        out += &format!("--- {tid} {}\n{stack}", comm.trim());
-    }
-    out
 }
 
 fn backing_files(fs: &Msharefs) -> Vec<String> {
@@ -95,8 +84,8 @@ fn many_processes_churn_regions_without_deadlock_or_leak() {
         let v = match w.read_json(left) {
             Ok(v) => v,
             Err(e) => {
-                loud(&stacks(pid, "DEADLOCK? daemon"));
-                loud(&stacks(w.pid(), "stuck worker"));
+                loud(&thread_stacks(pid, "DEADLOCK? daemon"));
+                loud(&thread_stacks(w.pid(), "stuck worker"));
                 panic!("{}: {e}\ndaemon log:\n{}", w.name(), fs.log());
             }
         };

@@ -42,6 +42,19 @@ pub fn loud(msg: &str) {
     let _ = writeln!(err, "{msg}");
 }
 
+/// Every thread of `pid` with its name and kernel stack, headed by `label`: what a hang
+/// or deadlock report prints.
+pub fn thread_stacks(pid: u32, label: &str) -> String {
+    let mut out = format!("{label} {pid}:\n");
+    for tid in kernel_glue::caps::thread_ids(pid).unwrap_or_default() {
+        let base = format!("/proc/{pid}/task/{tid}");
+        let comm = std::fs::read_to_string(format!("{base}/comm")).unwrap_or_default();
+        let stack = std::fs::read_to_string(format!("{base}/stack")).unwrap_or_default();
+        out += &format!("--- {tid} {}\n{stack}", comm.trim());
+    }
+    out
+}
+
 /// The path of the `mshare-probe` binary. `CARGO_BIN_EXE_*` exists only while compiling
 /// the integration tests of this package, so this is a macro expanded in the test crate.
 #[macro_export]

@@ -34,7 +34,7 @@ use mshare::uapi::{self, MshareCreate};
 use mshare::{Attachment, Backing, Region};
 use msharefs_tests::mountguard::Msharefs;
 use msharefs_tests::seeded::{Rng, env_u64, seed};
-use msharefs_tests::{PoolGuard, loud, require_privileged};
+use msharefs_tests::{PoolGuard, loud, require_privileged, thread_stacks};
 
 const MIB: u64 = 1 << 20;
 const HUGE: u64 = 2 * MIB;
@@ -998,7 +998,7 @@ impl Watchdog {
                 } else if last.1.elapsed() > limit {
                     let op = current.lock().map(|c| c.clone()).unwrap_or_default();
                     loud(&format!("HANG: no progress for {limit:?} in: {op}"));
-                    loud(&daemon_stacks(pid));
+                    loud(&thread_stacks(pid, "threads of daemon"));
                     f.store(true, Ordering::SeqCst);
                     let _ = kernel_glue::process::kill(pid, SIGKILL);
                     return;
@@ -1020,18 +1020,6 @@ impl Drop for Watchdog {
             let _ = t.join();
         }
     }
-}
-
-/// Every thread of `pid` with its kernel stack, for hang reports.
-fn daemon_stacks(pid: u32) -> String {
-    let mut out = format!("threads of daemon {pid}:\n");
-    for tid in kernel_glue::caps::thread_ids(pid).unwrap_or_default() {
-        let base = format!("/proc/{pid}/task/{tid}");
-        let comm = std::fs::read_to_string(format!("{base}/comm")).unwrap_or_default();
-        let stack = std::fs::read_to_string(format!("{base}/stack")).unwrap_or_default();
-        out += &format!("--- {tid} {}\n{stack}", comm.trim());
-    }
-    out
 }
 
 #[test]
