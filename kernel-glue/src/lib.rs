@@ -63,7 +63,8 @@ pub mod errnos {
 pub mod consts {
     pub use libc::{
         MAP_ANONYMOUS, MAP_FIXED, MAP_HUGETLB, MAP_PRIVATE, MAP_SHARED, O_ACCMODE, O_CREAT, O_EXCL,
-        O_RDONLY, O_RDWR, O_WRONLY, PROT_EXEC, PROT_NONE, PROT_READ, PROT_WRITE, SIGKILL, SIGTERM,
+        O_PATH, O_RDONLY, O_RDWR, O_WRONLY, PROT_EXEC, PROT_NONE, PROT_READ, PROT_WRITE, SIGKILL,
+        SIGTERM,
     };
     /// `renameat2` flags.
     pub use libc::{RENAME_EXCHANGE, RENAME_NOREPLACE};

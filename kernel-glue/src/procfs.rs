@@ -138,7 +138,8 @@ pub fn maps(pid: u32) -> io::Result<Vec<MapsEntry>> {
 }
 
 /// Every process (pid, command name) that maps any of the files `(dev, ino)` in `files`,
-/// with the number of bytes it maps. Processes that vanish during the scan are skipped.
+/// with the VMAs that map them: one pass over `/proc` answers for many files. Processes
+/// that vanish during the scan are skipped.
 ///
 /// # Errors
 /// Reading `/proc`.
@@ -153,17 +154,13 @@ pub fn mappers_of(files: &[(u64, u64)]) -> io::Result<Vec<Mapper>> {
         else {
             continue;
         };
-        let Ok(vmas) = maps(pid) else { continue };
-        let bytes: u64 = vmas
-            .iter()
-            .filter(|v| files.contains(&(v.dev, v.ino)))
-            .map(|v| (v.end - v.start) as u64)
-            .sum();
-        if bytes > 0 {
+        let Ok(mut vmas) = maps(pid) else { continue };
+        vmas.retain(|v| files.contains(&(v.dev, v.ino)));
+        if !vmas.is_empty() {
             let comm = std::fs::read_to_string(format!("/proc/{pid}/comm"))
                 .map(|s| s.trim_end().to_string())
                 .unwrap_or_default();
-            out.push(Mapper { pid, comm, bytes });
+            out.push(Mapper { pid, comm, vmas });
         }
     }
     Ok(out)
@@ -176,8 +173,15 @@ pub struct Mapper {
     pub pid: u32,
     /// `/proc/PID/comm`.
     pub comm: String,
-    /// Bytes of the file it maps.
-    pub bytes: u64,
+    /// Its VMAs that map one of the files.
+    pub vmas: Vec<MapsEntry>,
+}
+
+impl Mapper {
+    /// Bytes it maps of the files.
+    pub fn bytes(&self) -> u64 {
+        self.vmas.iter().map(|v| (v.end - v.start) as u64).sum()
+    }
 }
 
 /// Memory pressure from `/proc/pressure/memory` (percent of time stalled).
@@ -270,7 +274,7 @@ mod tests {
         .unwrap();
         let found = mappers_of(&[(st.dev, st.ino)]).unwrap();
         let me = found.iter().find(|p| p.pid == std::process::id()).unwrap();
-        assert_eq!(me.bytes, 1 << 20);
+        assert_eq!(me.bytes(), 1 << 20);
         drop(m);
         let found = mappers_of(&[(st.dev, st.ino)]).unwrap();
         assert!(found.iter().all(|p| p.pid != std::process::id()));

@@ -33,10 +33,6 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Pause after a failed `accept` (out of descriptors), so the loop does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
-/// `O_PATH` as `fcntl(F_GETFL)` reports it (the value of x86-64 and arm64; kernel-glue's
-/// `consts` does not export it yet).
-const O_PATH: i32 = 0o10_000_000;
-
 /// Binds the socket (replacing a stale one) and serves it on a background thread.
 ///
 /// # Errors
@@ -116,7 +112,7 @@ fn attach(core: &Core, stream: &UnixStream, fd: &OwnedFd, prot: Protection) -> F
         return Err(EBADF);
     }
     let flags = kfd::fcntl_getfl(fd).map_err(|e| errno_of(&e))?;
-    if flags & O_PATH != 0 {
+    if flags & kernel_glue::consts::O_PATH != 0 {
         // An O_PATH descriptor is opened without any permission on the file: it proves
         // nothing (its access-mode bits read as O_RDONLY).
         return Err(EBADF);

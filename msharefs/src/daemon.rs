@@ -43,6 +43,18 @@ pub struct MountOpts {
     pub args: Vec<String>,
 }
 
+impl MountOpts {
+    /// The state directory for mount point `mnt`: `--state-dir`, or the default.
+    fn state(&self, mnt: &Path) -> StateDir {
+        StateDir {
+            dir: self
+                .state_dir
+                .clone()
+                .unwrap_or_else(|| paths::default_state_dir(mnt)),
+        }
+    }
+}
+
 fn fail(msg: String) -> std::io::Error {
     std::io::Error::other(msg)
 }
@@ -117,12 +129,7 @@ pub fn mount(opts: MountOpts) -> std::io::Result<()> {
 }
 
 fn start_background(mnt: &Path, opts: &MountOpts) -> std::io::Result<()> {
-    let state = StateDir {
-        dir: opts
-            .state_dir
-            .clone()
-            .unwrap_or_else(|| paths::default_state_dir(mnt)),
-    };
+    let state = opts.state(mnt);
     std::fs::create_dir_all(&state.dir)?;
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -165,12 +172,7 @@ fn start_background(mnt: &Path, opts: &MountOpts) -> std::io::Result<()> {
 }
 
 fn run_daemon(mnt: &Path, opts: &MountOpts, notify: bool) -> std::io::Result<()> {
-    let state = StateDir {
-        dir: opts
-            .state_dir
-            .clone()
-            .unwrap_or_else(|| paths::default_state_dir(mnt)),
-    };
+    let state = opts.state(mnt);
     if let Some(pid) = state.running_pid() {
         if pid != std::process::id() {
             return Err(fail(format!(

@@ -46,6 +46,22 @@ fn object_range(r: &RegionMeta, offset: u64, size: u64) -> FsResult<u64> {
     Ok(end)
 }
 
+/// A node's region metadata; `EISDIR`/`EPERM` for a directory or `mshare_info`.
+fn region_meta(node: &Node) -> FsResult<&RegionMeta> {
+    match &node.kind {
+        NodeKind::Region(r) => Ok(r),
+        NodeKind::Dir => Err(EISDIR),
+        NodeKind::Info => Err(EPERM),
+    }
+}
+
+/// Where a region's data lives and how much of it there is.
+#[derive(Debug, Clone, Copy)]
+struct Extent {
+    store: Store,
+    size: u64,
+}
+
 /// An open file handle.
 #[derive(Debug, Clone, Copy)]
 pub struct Handle {
@@ -53,6 +69,17 @@ pub struct Handle {
     pub ino: u64,
     /// Opened for writing.
     pub write: bool,
+}
+
+/// How a handle is opened (`Core::open`).
+#[derive(Debug)]
+pub enum OpenMode {
+    /// `FOPEN_DIRECT_IO`: hugetlb regions (hugetlbfs cannot be passed through),
+    /// `mshare_info`, and everything when the kernel refused passthrough.
+    Direct,
+    /// FUSE passthrough to a thp or shmem backing: with the backing descriptor to register
+    /// when the inode has no backing id yet, else its id is reused.
+    Passthrough(Option<OwnedFd>),
 }
 
 /// Per-inode open state.
@@ -438,11 +465,7 @@ impl Core {
         let store = {
             let mut inner = self.lock();
             let node = inner.tree.get(ino).ok_or(ENOENT)?;
-            let r = match &node.kind {
-                NodeKind::Region(r) => r,
-                NodeKind::Dir => return Err(EISDIR),
-                NodeKind::Info => return Err(EPERM),
-            };
+            let r = region_meta(node)?;
             if size == 0 {
                 return Err(EINVAL);
             }
@@ -532,10 +555,8 @@ impl Core {
 
     // ---- open files --------------------------------------------------------------------
 
-    /// Registers an open handle. Returns the handle number and, for thp and shmem
-    /// regions, the backing descriptor to pass through when this is the inode's first
-    /// passthrough open (`need_backing`).
-    pub fn open(&self, ino: u64, acc: i32) -> FsResult<(u64, Option<OwnedFd>, Option<Store>)> {
+    /// Registers an open handle. Returns the handle number and how to open it.
+    pub fn open(&self, ino: u64, acc: i32) -> FsResult<(u64, OpenMode)> {
         let mut inner = self.lock();
         let node = inner.tree.get(ino).ok_or(ENOENT)?;
         let write = acc == consts::O_WRONLY || acc == consts::O_RDWR;
@@ -546,26 +567,26 @@ impl Core {
             NodeKind::Region(r) => Some(r.store),
         };
         let passthrough = *self.passthrough.get().unwrap_or(&false);
-        let backing = match store {
+        let mode = match store {
             Some(s @ (Store::Thp | Store::Shmem)) if passthrough => {
                 let need = inner.open.get(&ino).is_none_or(|o| o.backing_id.is_none());
                 if need {
-                    Some(
-                        self.stores
-                            .open_file(s, ino, true)
-                            .map_err(|e| errno_of(&e))?,
-                    )
+                    let fd = self
+                        .stores
+                        .open_file(s, ino, true)
+                        .map_err(|e| errno_of(&e))?;
+                    OpenMode::Passthrough(Some(fd))
                 } else {
-                    None
+                    OpenMode::Passthrough(None)
                 }
             }
-            _ => None,
+            _ => OpenMode::Direct,
         };
         let fh = inner.next_fh;
         inner.next_fh += 1;
         inner.handles.insert(fh, Handle { ino, write });
         inner.open.entry(ino).or_default().count += 1;
-        Ok((fh, backing, store))
+        Ok((fh, mode))
     }
 
     /// Stores the passthrough backing id of an inode (first passthrough open).
@@ -620,14 +641,14 @@ impl Core {
 
     // ---- data --------------------------------------------------------------------------
 
-    fn region_of(&self, ino: u64) -> FsResult<RegionMeta> {
+    /// The backing and size of region `ino` (its objects are not needed for data access).
+    fn region_of(&self, ino: u64) -> FsResult<Extent> {
         let inner = self.lock();
-        let node = inner.tree.get(ino).ok_or(ENOENT)?;
-        match &node.kind {
-            NodeKind::Region(r) => Ok(r.clone()),
-            NodeKind::Dir => Err(EISDIR),
-            NodeKind::Info => Err(EPERM),
-        }
+        let r = region_meta(inner.tree.get(ino).ok_or(ENOENT)?)?;
+        Ok(Extent {
+            store: r.store,
+            size: r.size,
+        })
     }
 
     /// Reads region data (for `cp`/`dd`; mapped access never comes here).
@@ -812,6 +833,28 @@ impl Core {
     /// A copy of the tree for reports.
     pub fn tree(&self) -> Tree {
         self.lock().tree.clone()
+    }
+
+    /// The entries of directory `ino` as `(ino, is_dir, name)`, `.` and `..` first.
+    pub fn dir_entries(&self, ino: u64) -> FsResult<Vec<(u64, bool, String)>> {
+        let inner = self.lock();
+        let dir = inner.tree.get(ino).ok_or(ENOENT)?;
+        if !dir.is_dir() {
+            return Err(ENOTDIR);
+        }
+        let mut entries = vec![(dir.ino, true, ".".into()), (dir.parent, true, "..".into())];
+        entries.extend(
+            inner
+                .tree
+                .children(ino)
+                .map(|c| (c.ino, c.is_dir(), c.name.clone())),
+        );
+        Ok(entries)
+    }
+
+    /// How many nodes the tree has (`statfs`'s file count).
+    pub fn node_count(&self) -> u64 {
+        self.lock().tree.nodes.len() as u64
     }
 
     /// Backing file identity `(dev, ino)` of a region, for attach accounting.

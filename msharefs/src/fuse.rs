@@ -8,20 +8,21 @@
 //! FUSE page cache. Clients map hugetlb regions through libmshare or the shim.
 
 use std::ffi::OsStr;
+use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
-    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
-    ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyOpen,
-    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    AccessFlags, BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
+    Generation, INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags,
+    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyIoctl,
+    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use kernel_glue::consts;
 use mshare::{Backing, uapi};
 
-use crate::fs::{Core, FsResult};
-use crate::state::{Node, NodeKind, Store};
+use crate::fs::{Core, FsResult, OpenMode};
+use crate::state::{Node, NodeKind};
 
 /// Attribute and entry cache time. Only the daemon changes metadata and the kernel
 /// updates its cache from our replies, so a short TTL costs little.
@@ -125,46 +126,51 @@ fn reply_empty(r: FsResult<()>, reply: ReplyEmpty) {
     }
 }
 
+/// An xattr value or list: its length for a size query (`size` 0), `ERANGE` when the
+/// caller's buffer is too small.
+fn reply_xattr(value: &[u8], size: u32, reply: ReplyXattr) {
+    if size == 0 {
+        reply.size(value.len() as u32)
+    } else if (size as usize) < value.len() {
+        reply.error(err(libc_errno::ERANGE))
+    } else {
+        reply.data(value)
+    }
+}
+
 fn mode_of(mode: u32, umask: u32) -> u32 {
     mode & !umask & 0o7777
 }
 
 impl MshareFuse {
-    /// Replies to an open: passthrough for thp/shmem, direct I/O for the rest.
-    fn finish_open(
+    /// The passthrough backing id for handle `fh` of `ino`: registered now from `fd` with
+    /// the reply's `open_backing` on the inode's first passthrough open, else the inode's
+    /// id. `None`, with the handle released, when the kernel refuses the backing.
+    fn passthrough_id(
         &self,
         ino: u64,
         fh: u64,
-        backing: Option<std::os::fd::OwnedFd>,
-        store: Option<Store>,
-        reply: ReplyOpen,
-    ) {
-        match store {
-            Some(Store::Thp | Store::Shmem) if *self.core.passthrough.get().unwrap_or(&false) => {
-                let id = match backing {
-                    Some(fd) => match reply.open_backing(&fd) {
-                        Ok(id) => {
-                            let id = Arc::new(id);
-                            self.core.set_backing_id(ino, id.clone());
-                            Some(id)
-                        }
-                        Err(e) => {
-                            log::error!("passthrough of region {ino} refused: {e}");
-                            None
-                        }
-                    },
-                    None => self.core.backing_id(ino),
-                };
-                match id {
-                    Some(id) => reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id),
-                    None => {
-                        self.core.release(fh);
-                        reply.error(Errno::EIO)
-                    }
+        fd: Option<OwnedFd>,
+        open_backing: impl FnOnce(&OwnedFd) -> std::io::Result<BackingId>,
+    ) -> Option<Arc<BackingId>> {
+        let id = match fd {
+            Some(fd) => match open_backing(&fd) {
+                Ok(id) => {
+                    let id = Arc::new(id);
+                    self.core.set_backing_id(ino, id.clone());
+                    Some(id)
                 }
-            }
-            _ => reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO),
+                Err(e) => {
+                    log::error!("passthrough of region {ino} refused: {e}");
+                    None
+                }
+            },
+            None => self.core.backing_id(ino),
+        };
+        if id.is_none() {
+            self.core.release(fh);
         }
+        id
     }
 }
 
@@ -302,7 +308,13 @@ impl Filesystem for MshareFuse {
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let _one = self.opening.lock().unwrap_or_else(|p| p.into_inner());
         match self.core.open(ino.0, flags.0 & consts::O_ACCMODE) {
-            Ok((fh, backing, store)) => self.finish_open(ino.0, fh, backing, store, reply),
+            Ok((fh, OpenMode::Direct)) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO),
+            Ok((fh, OpenMode::Passthrough(fd))) => {
+                match self.passthrough_id(ino.0, fh, fd, |fd| reply.open_backing(fd)) {
+                    Some(id) => reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id),
+                    None => reply.error(Errno::EIO),
+                }
+            }
             Err(e) => reply.error(err(e)),
         }
     }
@@ -325,41 +337,32 @@ impl Filesystem for MshareFuse {
             Err(e) => return reply.error(err(e)),
         };
         let _one = self.opening.lock().unwrap_or_else(|p| p.into_inner());
-        let (fh, backing, store) = match self.core.open(node.ino, flags & consts::O_ACCMODE) {
+        let (fh, mode) = match self.core.open(node.ino, flags & consts::O_ACCMODE) {
             Ok(x) => x,
             Err(e) => return reply.error(err(e)),
         };
         let a = attr(&node);
-        let passthrough = *self.core.passthrough.get().unwrap_or(&false);
-        match (store, backing) {
-            (Some(Store::Thp | Store::Shmem), Some(fd)) if passthrough => {
-                match reply.open_backing(&fd) {
-                    Ok(id) => {
-                        let id = Arc::new(id);
-                        self.core.set_backing_id(node.ino, id.clone());
-                        reply.created_passthrough(
-                            &TTL,
-                            &a,
-                            Generation(0),
-                            FileHandle(fh),
-                            FopenFlags::empty(),
-                            &id,
-                        )
-                    }
-                    Err(e) => {
-                        log::error!("passthrough of new region {} refused: {e}", node.ino);
-                        self.core.release(fh);
-                        reply.error(Errno::EIO)
-                    }
-                }
-            }
-            _ => reply.created(
+        match mode {
+            OpenMode::Direct => reply.created(
                 &TTL,
                 &a,
                 Generation(0),
                 FileHandle(fh),
                 FopenFlags::FOPEN_DIRECT_IO,
             ),
+            OpenMode::Passthrough(fd) => {
+                match self.passthrough_id(node.ino, fh, fd, |fd| reply.open_backing(fd)) {
+                    Some(id) => reply.created_passthrough(
+                        &TTL,
+                        &a,
+                        Generation(0),
+                        FileHandle(fh),
+                        FopenFlags::empty(),
+                        &id,
+                    ),
+                    None => reply.error(Errno::EIO),
+                }
+            }
         }
     }
 
@@ -444,26 +447,16 @@ impl Filesystem for MshareFuse {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let tree = self.core.tree();
-        let Some(dir) = tree.get(ino.0) else {
-            return reply.error(Errno::ENOENT);
+        let entries = match self.core.dir_entries(ino.0) {
+            Ok(e) => e,
+            Err(e) => return reply.error(err(e)),
         };
-        if !dir.is_dir() {
-            return reply.error(Errno::ENOTDIR);
-        }
-        let mut entries: Vec<(u64, FileType, String)> = vec![
-            (dir.ino, FileType::Directory, ".".into()),
-            (dir.parent, FileType::Directory, "..".into()),
-        ];
-        for c in tree.children(ino.0) {
-            let t = if c.is_dir() {
+        for (i, (ino, is_dir, name)) in entries.into_iter().enumerate().skip(offset as usize) {
+            let kind = if is_dir {
                 FileType::Directory
             } else {
                 FileType::RegularFile
             };
-            entries.push((c.ino, t, c.name.clone()));
-        }
-        for (i, (ino, kind, name)) in entries.into_iter().enumerate().skip(offset as usize) {
             if reply.add(INodeNo(ino), (i + 1) as u64, kind, &name) {
                 break;
             }
@@ -485,7 +478,7 @@ impl Filesystem for MshareFuse {
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         // Capacity is the huge-page pool, in 2 MiB blocks.
         let mi = kernel_glue::procfs::meminfo().unwrap_or_default();
-        let files = self.core.tree().nodes.len() as u64;
+        let files = self.core.node_count();
         reply.statfs(
             mi.huge_total,
             mi.huge_free,
@@ -529,13 +522,7 @@ impl Filesystem for MshareFuse {
             (true, Some(r)) => r.store.name().as_bytes().to_vec(),
             _ => return reply.error(err(libc_errno::ENODATA)),
         };
-        if size == 0 {
-            reply.size(value.len() as u32)
-        } else if (size as usize) < value.len() {
-            reply.error(err(libc_errno::ERANGE))
-        } else {
-            reply.data(&value)
-        }
+        reply_xattr(&value, size, reply)
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
@@ -548,13 +535,7 @@ impl Filesystem for MshareFuse {
             list.extend_from_slice(uapi::BACKING_XATTR.as_bytes());
             list.push(0);
         }
-        if size == 0 {
-            reply.size(list.len() as u32)
-        } else if (size as usize) < list.len() {
-            reply.error(err(libc_errno::ERANGE))
-        } else {
-            reply.data(&list)
-        }
+        reply_xattr(&list, size, reply)
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {

@@ -110,13 +110,12 @@ impl HostMm {
                 host.model.mark_used(key, now);
                 continue;
             }
-            if fd.is_none() {
-                fd = Some(open(prot == Protection::ReadWrite)?);
-            }
+            // Opened on the first missing slot only.
+            let fd = match &mut fd {
+                Some(f) => &*f,
+                empty @ None => &*empty.insert(open(prot == Protection::ReadWrite)?),
+            };
             let (off, len) = slot_range(size, slot);
-            let fd = fd
-                .as_ref()
-                .ok_or_else(|| kernel_glue::errno(kernel_glue::errnos::EIO))?;
             let m = Arc::new(Mapping::map_range_aligned(fd, off, len, prot, PUD_SIZE)?);
             host.maps.insert(key, m.clone());
             host.model.mark_cached(key, now);
@@ -324,11 +323,10 @@ impl HostMm {
             .set_attached(ino, observed, Instant::now());
     }
 
-    /// Releases the slots the policy picks; returns how many.
-    pub fn shrink(&self, policy: &Policy, pressure: f64) -> usize {
+    /// Releases the slots the policy picks.
+    pub fn shrink(&self, policy: &Policy, pressure: f64) {
         let mut host = self.lock();
         let victims = host.model.victims(policy, pressure, Instant::now());
-        let mut n = 0;
         for key in victims {
             if host.model.mark_released(key).is_ok() && host.maps.remove(&key).is_some() {
                 log::info!(
@@ -337,11 +335,9 @@ impl HostMm {
                     key.ino,
                     key.slot
                 );
-                n += 1;
             }
         }
         debug_assert_eq!(host.model.check(), Ok(()));
-        n
     }
 
     /// Bytes of page tables the host mappings hold.

@@ -32,20 +32,19 @@ pub fn spawn(core: Arc<Core>, policy: Policy) {
     }
 }
 
-/// Who maps which slots of a region, from the kernel: `(pid, protection, slots)`.
-pub fn observed_attachments(
+/// Who maps which slots of a region, from the kernel's `mappers` of the backing files:
+/// `(pid, protection, slots)`.
+fn observed_attachments(
     core: &Core,
+    mappers: &[procfs::Mapper],
     ino: u64,
     size: u64,
 ) -> Vec<(u32, Protection, std::ops::Range<u32>)> {
     let me = std::process::id();
     let mut out = Vec::new();
     if let Some(id) = core.backing_identity(Store::Hugetlb, ino) {
-        for m in procfs::mappers_of(&[id]).unwrap_or_default() {
-            if m.pid == me {
-                continue;
-            }
-            for v in procfs::maps(m.pid).unwrap_or_default() {
+        for m in mappers.iter().filter(|m| m.pid != me) {
+            for v in &m.vmas {
                 if (v.dev, v.ino) != id {
                     continue;
                 }
@@ -75,8 +74,14 @@ pub fn shrink_once(core: &Core, policy: &Policy) {
     if regions.is_empty() {
         return;
     }
+    // One scan of /proc for all regions.
+    let files: Vec<(u64, u64)> = regions
+        .iter()
+        .filter_map(|&(ino, _)| core.backing_identity(Store::Hugetlb, ino))
+        .collect();
+    let mappers = procfs::mappers_of(&files).unwrap_or_default();
     for (ino, size) in regions {
-        let observed = observed_attachments(core, ino, size);
+        let observed = observed_attachments(core, &mappers, ino, size);
         core.hostmm.set_attached(ino, &observed);
     }
     let pressure = procfs::memory_pressure().map_or(0.0, |p| p.some_avg10);

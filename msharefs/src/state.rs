@@ -220,9 +220,7 @@ impl Tree {
 
     /// The child `name` of directory `parent` (orphans are not in any directory).
     pub fn lookup(&self, parent: u64, name: &str) -> Option<&Node> {
-        self.nodes
-            .values()
-            .find(|n| n.parent == parent && n.name == name && !n.orphan && n.ino != ROOT_INO)
+        self.children(parent).find(|n| n.name == name)
     }
 
     /// Children of a directory, in inode order.

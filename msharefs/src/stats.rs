@@ -144,34 +144,41 @@ pub fn report(core: &Core) -> Report {
     let fuse_dev = core.fuse_dev.get().copied();
     let mut regions = Vec::new();
     let mut totals = Totals::default();
+    // The files of each region: its backing and its msharefs file.
+    let files_of = |ino: u64, store: Store| -> Vec<(u64, u64)> {
+        let backing = core.backing_identity(store, ino);
+        backing
+            .into_iter()
+            .chain(fuse_dev.map(|dev| (dev, ino)))
+            .collect()
+    };
+    // One scan of /proc for all regions.
+    let all: Vec<(u64, u64)> = tree
+        .regions()
+        .flat_map(|(n, r)| files_of(n.ino, r.store))
+        .collect();
+    let mappers = procfs::mappers_of(&all).unwrap_or_default();
     for (node, r) in tree.regions() {
         if node.orphan {
             continue;
         }
-        let mut files = Vec::new();
-        if let Some(id) = core.backing_identity(r.store, node.ino) {
-            files.push(id);
-        }
-        if let Some(dev) = fuse_dev {
-            files.push((dev, node.ino));
-        }
+        let files = files_of(node.ino, r.store);
         let mut attached = Vec::new();
         let (mut pt, mut pt4k) = (0, 0);
-        for m in procfs::mappers_of(&files).unwrap_or_default() {
-            if m.pid == me {
-                continue;
+        for m in mappers.iter().filter(|m| m.pid != me) {
+            let mut maps_it = false;
+            for v in m.vmas.iter().filter(|v| files.contains(&(v.dev, v.ino))) {
+                let len = (v.end - v.start) as u64;
+                pt += pt_bytes(r.store, v.start, len);
+                pt4k += pt_bytes_4k(v.start, len);
+                maps_it = true;
             }
-            for v in procfs::maps(m.pid).unwrap_or_default() {
-                if files.contains(&(v.dev, v.ino)) {
-                    let len = (v.end - v.start) as u64;
-                    pt += pt_bytes(r.store, v.start, len);
-                    pt4k += pt_bytes_4k(v.start, len);
-                }
+            if maps_it {
+                attached.push(Attached {
+                    pid: m.pid,
+                    comm: m.comm.clone(),
+                });
             }
-            attached.push(Attached {
-                pid: m.pid,
-                comm: m.comm,
-            });
         }
         let host = core.hostmm.stats(node.ino);
         let row = RegionReport {

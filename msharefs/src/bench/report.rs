@@ -152,18 +152,11 @@ fn machine(load_at_start: f64) -> Machine {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| s.trim().to_string())
         .unwrap_or_default();
-    let total = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find_map(|l| l.strip_prefix("MemTotal:"))
-                .and_then(|r| r.split_whitespace().next()?.parse::<f64>().ok())
-        })
-        .unwrap_or(0.0);
+    let total = kernel_glue::procfs::meminfo().map_or(0, |m| m.mem_total);
     Machine {
         kernel,
         cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
-        mem_total_gib: total / (1u64 << 20) as f64,
+        mem_total_gib: total as f64 / (1u64 << 30) as f64,
         load_avg_1m: Some([
             load_at_start,
             kernel_glue::bench_sys::loadavg().map_or(0.0, |l| l[0]),
@@ -263,16 +256,9 @@ pub fn headline(r: &Report) -> Option<[String; 2]> {
     if bases.is_empty() {
         return None;
     }
-    let bytes = |b: f64| {
-        if b >= (1u64 << 20) as f64 {
-            format!("{:.2} MiB", b / (1u64 << 20) as f64)
-        } else {
-            format!("{b:.0} B")
-        }
-    };
     let mut line1 = format!(
         "per attacher per GiB, msharefs-hugetlb: {} of page tables, {:.0} fault",
-        bytes(ms.pt_bytes_per_attacher_per_gib),
+        fmt_bytes(ms.pt_bytes_per_attacher_per_gib),
         ms.faults_per_attacher_per_gib
     );
     for b in &bases {
@@ -280,7 +266,7 @@ pub fn headline(r: &Report) -> Option<[String; 2]> {
             line1,
             " | {}: {}, {:.0}",
             b.name,
-            bytes(b.pt_bytes_per_attacher_per_gib),
+            fmt_bytes(b.pt_bytes_per_attacher_per_gib),
             b.faults_per_attacher_per_gib
         );
     }
@@ -477,10 +463,19 @@ impl Report {
     }
 }
 
+/// Bytes as a reader wants them: `0 B`, `3968 B`, `2.00 MiB`.
+fn fmt_bytes(v: f64) -> String {
+    if v.abs() >= (1u64 << 20) as f64 {
+        format!("{:.2} MiB", v / (1u64 << 20) as f64)
+    } else {
+        format!("{v:.0} B")
+    }
+}
+
 mod svg {
     use std::fmt::Write as _;
 
-    use super::Report;
+    use super::{Report, fmt_bytes};
 
     const W: f64 = 1000.0;
     const H: f64 = 665.0;
@@ -518,15 +513,6 @@ mod svg {
             format!("{v:.2}")
         } else {
             format!("{v:.3}")
-        }
-    }
-
-    /// Bytes as a reader wants them: `0 B`, `3968 B`, `2.00 MiB`.
-    fn fmt_bytes(v: f64) -> String {
-        if v.abs() >= (1u64 << 20) as f64 {
-            format!("{:.2} MiB", v / (1u64 << 20) as f64)
-        } else {
-            format!("{v:.0} B")
         }
     }
 

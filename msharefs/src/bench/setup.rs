@@ -21,6 +21,7 @@ use mshare::{Backing, Region};
 use super::attacher::AttachKind;
 use super::fleet::Fleet;
 use super::{BenchError, Config, Progress};
+use crate::paths::StateDir;
 
 /// The bench's scratch directory, `/tmp/msharefs-bench-PID`: mount points and state.
 /// Removed on drop, unless something is still mounted below it (then it is detached
@@ -72,7 +73,7 @@ impl Drop for WorkDir {
 pub struct MsharefsMount {
     exe: PathBuf,
     mnt: PathBuf,
-    state: PathBuf,
+    state: StateDir,
 }
 
 impl MsharefsMount {
@@ -96,10 +97,10 @@ impl MsharefsMount {
         let m = MsharefsMount {
             exe: exe.to_path_buf(),
             mnt,
-            state,
+            state: StateDir { dir: state },
         };
         if !out.status.success() {
-            let log = std::fs::read_to_string(m.state.join("daemon.log")).unwrap_or_default();
+            let log = std::fs::read_to_string(m.state.log_file()).unwrap_or_default();
             let tail: Vec<&str> = log.lines().rev().take(10).collect();
             return Err(BenchError::Msharefs(format!(
                 "msharefs mount failed ({}): {}{}\ndaemon log (last lines, newest first):\n{}",
@@ -119,7 +120,7 @@ impl MsharefsMount {
 
     /// The daemon's pid.
     pub fn daemon_pid(&self) -> Option<u32> {
-        std::fs::read_to_string(self.state.join("daemon.pid"))
+        std::fs::read_to_string(self.state.pid_file())
             .ok()?
             .trim()
             .parse()
@@ -132,7 +133,7 @@ impl MsharefsMount {
     /// # Errors
     /// [`BenchError::Msharefs`] when the daemon does not answer or has no such region.
     pub fn populated(&self, name: &str) -> Result<u64, BenchError> {
-        let body = crate::attach::request_stats(&self.state.join("attach.sock"))
+        let body = crate::attach::request_stats(&self.state.socket())
             .map_err(|e| BenchError::Msharefs(format!("msharefs stat: {e}")))?;
         let v: serde_json::Value = serde_json::from_str(&body)
             .map_err(|e| BenchError::Msharefs(format!("msharefs stat: bad JSON: {e}")))?;
