@@ -25,7 +25,7 @@ use mshare::{Backing, Region};
 use msharefs_tests::probe::{pattern_offsets, pattern_word};
 use msharefs_tests::{
     Attach, AttachReport, Create, HugetlbfsDir, PoolGuard, PoolLock, PoolState, Probe, SETTLE,
-    TempDir, TmpfsDir, loud, probe_bin, require_privileged, smaps,
+    TempDir, TmpfsDir, loud, probe_bin, require_privileged,
 };
 
 const GIB: u64 = 1 << 30;
@@ -574,8 +574,8 @@ fn tmpfs_huge_always_maps_pmds() {
     let m = Mapping::map_aligned(&fd, len, Protection::ReadWrite, PUD_SIZE).expect("map");
     m.populate(0, len).expect("populate");
     let me = std::process::id();
-    let shmem = smaps::field(me, m.addr(), "ShmemPmdMapped").unwrap_or(0);
-    let file = smaps::field(me, m.addr(), "FilePmdMapped").unwrap_or(0);
+    let shmem = procfs::smaps_field(me, m.addr(), "ShmemPmdMapped").unwrap_or(0);
+    let file = procfs::smaps_field(me, m.addr(), "FilePmdMapped").unwrap_or(0);
     let kps = procfs::kernel_page_size(me, m.addr()).expect("KernelPageSize");
     loud(&format!(
         "foundation: tmpfs huge=always, 16 MiB: ShmemPmdMapped {} kB, FilePmdMapped {} kB, \

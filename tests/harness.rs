@@ -1155,46 +1155,6 @@ pub mod probe {
     }
 }
 
-/// `/proc/PID/smaps` fields that kernel-glue's `procfs` does not read yet.
-///
-/// This belongs in `kernel_glue::procfs` (it reads `/proc`); it lives here until it moves.
-pub mod smaps {
-    use std::io;
-
-    /// The value in bytes of `field` (e.g. `ShmemPmdMapped`, `FilePmdMapped`, `Rss`) for
-    /// the VMA of `pid` that contains `addr`.
-    ///
-    /// # Errors
-    /// Reading smaps; `ENOENT` when no VMA contains `addr` or it lacks the field.
-    pub fn field(pid: u32, addr: usize, field: &str) -> io::Result<u64> {
-        let text = std::fs::read_to_string(format!("/proc/{pid}/smaps"))?;
-        let mut inside = false;
-        for line in text.lines() {
-            let first = line.split_whitespace().next().unwrap_or("");
-            if let Some((a, b)) = first.split_once('-') {
-                if let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
-                {
-                    inside = a <= addr && addr < b;
-                    continue;
-                }
-            }
-            if !inside {
-                continue;
-            }
-            let Some(rest) = line.strip_prefix(field).and_then(|r| r.strip_prefix(':')) else {
-                continue;
-            };
-            let kb = rest
-                .split_whitespace()
-                .next()
-                .and_then(|v| v.parse::<u64>().ok())
-                .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidData))?;
-            return Ok(kb * 1024);
-        }
-        Err(kernel_glue::errno(kernel_glue::errnos::ENOENT))
-    }
-}
-
 #[path = "mountguard.rs"]
 pub mod mountguard;
 

@@ -121,8 +121,8 @@ fn v3_sequence(backing: &str) {
     if backing == "thp" {
         // Passthrough to tmpfs huge=always: PMD-mapped, so 2 MiB pages.
         m.populate(0, size).unwrap();
-        let pmd =
-            msharefs_tests::smaps::field(std::process::id(), m.addr(), "ShmemPmdMapped").unwrap();
+        let pmd = kernel_glue::procfs::smaps_field(std::process::id(), m.addr(), "ShmemPmdMapped")
+            .unwrap();
         loud(&format!(
             "thp region: ShmemPmdMapped {} of {} MiB",
             pmd >> 20,

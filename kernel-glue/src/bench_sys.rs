@@ -7,7 +7,6 @@
 //! - [`mmap_anonymous_hugetlb`]: the bandwidth reference, private anonymous 2 MiB pages;
 //! - [`touch`] and [`sweep`]: volatile loops over a [`Mapping`] (one write per page; a
 //!   read and a write of every word);
-//! - [`smaps_field`]: one field of the `/proc/PID/smaps` entry that contains an address;
 //! - [`vm_stat_refresh`]: folds the per-CPU memory counters into `/proc/meminfo`;
 //! - [`loadavg`]: `/proc/loadavg`, to record how busy the machine was.
 //!
@@ -19,13 +18,6 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::ptr;
 
 use crate::mapping::{Mapping, Protection};
-
-fn prot_bits(prot: Protection) -> i32 {
-    match prot {
-        Protection::ReadOnly => libc::PROT_READ,
-        Protection::ReadWrite => libc::PROT_READ | libc::PROT_WRITE,
-    }
-}
 
 fn len_usize(len: u64) -> io::Result<usize> {
     if len == 0 {
@@ -48,7 +40,7 @@ pub fn mmap_shared(fd: impl AsFd, len: u64, prot: Protection) -> io::Result<Mapp
         libc::mmap(
             ptr::null_mut(),
             n,
-            prot_bits(prot),
+            prot.bits(),
             libc::MAP_SHARED,
             fd.as_fd().as_raw_fd(),
             0,
@@ -91,13 +83,6 @@ pub fn mmap_anonymous_hugetlb(len: u64) -> io::Result<Mapping> {
     Ok(unsafe { Mapping::from_raw(addr as usize, n, Protection::ReadWrite) })
 }
 
-fn writable(m: &Mapping) -> io::Result<()> {
-    if m.protection() != Protection::ReadWrite {
-        return Err(crate::errno(libc::EACCES));
-    }
-    Ok(())
-}
-
 /// Writes one 8-byte word at every multiple of `stride` inside `m` (volatile stores), so
 /// that every page of the mapping is faulted in writable. Returns the number of words
 /// written.
@@ -105,7 +90,7 @@ fn writable(m: &Mapping) -> io::Result<()> {
 /// # Errors
 /// `EINVAL` when `stride` is zero or not a multiple of 8; `EACCES` for a read-only mapping.
 pub fn touch(m: &Mapping, stride: u64) -> io::Result<u64> {
-    writable(m)?;
+    m.require_writable()?;
     if stride == 0 || stride % 8 != 0 {
         return Err(crate::errno(libc::EINVAL));
     }
@@ -133,7 +118,7 @@ pub fn touch(m: &Mapping, stride: u64) -> io::Result<u64> {
 /// # Errors
 /// `EACCES` for a read-only mapping.
 pub fn sweep(m: &Mapping) -> io::Result<u64> {
-    writable(m)?;
+    m.require_writable()?;
     let base = m.as_ptr() as *mut u64;
     let words = m.len() / 8;
     let lines = words / 8;
@@ -163,39 +148,6 @@ pub fn sweep(m: &Mapping) -> io::Result<u64> {
         }
     }
     Ok(sum)
-}
-
-/// The value of `field` (a `kB` field such as `KernelPageSize`, `Rss`, `ShmemPmdMapped`,
-/// `FilePmdMapped`), in bytes, in the `/proc/PID/smaps` entry of the VMA of `pid` that
-/// contains `addr`.
-///
-/// # Errors
-/// `ENOENT` when no VMA contains `addr`, the field is missing or the process is gone.
-pub fn smaps_field(pid: u32, addr: usize, field: &str) -> io::Result<u64> {
-    let t = std::fs::read_to_string(format!("/proc/{pid}/smaps"))?;
-    let mut inside = false;
-    for line in t.lines() {
-        let first = line.split_ascii_whitespace().next().unwrap_or("");
-        if let Some((a, b)) = first.split_once('-') {
-            if let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16)) {
-                inside = a <= addr && addr < b;
-                continue;
-            }
-        }
-        if !inside {
-            continue;
-        }
-        if let Some(rest) = line.strip_prefix(field).and_then(|r| r.strip_prefix(':')) {
-            if let Some(kb) = rest
-                .split_ascii_whitespace()
-                .next()
-                .and_then(|v| v.parse::<u64>().ok())
-            {
-                return Ok(kb * 1024);
-            }
-        }
-    }
-    Err(crate::errno(libc::ENOENT))
 }
 
 /// Writes `/proc/sys/vm/stat_refresh`: the kernel folds every CPU's pending deltas of the
@@ -248,10 +200,10 @@ mod tests {
         assert_eq!(m.load_u64(8192).unwrap(), 8193);
         assert_eq!(m.load_u64(8).unwrap(), 1);
         assert_eq!(
-            smaps_field(std::process::id(), m.addr(), "KernelPageSize").unwrap(),
+            crate::procfs::smaps_field(std::process::id(), m.addr(), "KernelPageSize").unwrap(),
             4096
         );
-        assert!(smaps_field(std::process::id(), m.addr(), "NoSuchField").is_err());
+        assert!(crate::procfs::smaps_field(std::process::id(), m.addr(), "NoSuchField").is_err());
         assert!(loadavg().unwrap().iter().all(|v| *v >= 0.0));
     }
 

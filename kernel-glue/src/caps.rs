@@ -65,28 +65,14 @@ pub const NAMES: [&str; 41] = [
 pub const CAP_CHOWN: u32 = 0;
 /// `CAP_DAC_OVERRIDE`: bypass file read/write/search permission checks.
 pub const CAP_DAC_OVERRIDE: u32 = 1;
-/// `CAP_DAC_READ_SEARCH`: bypass read and search checks; `open_by_handle_at(2)`.
-pub const CAP_DAC_READ_SEARCH: u32 = 2;
 /// `CAP_FOWNER`: act as the owner of any file (`chmod`, `utimes`, ...).
 pub const CAP_FOWNER: u32 = 3;
 /// `CAP_KILL`: signal any process.
 pub const CAP_KILL: u32 = 5;
-/// `CAP_SETUID`: change user ids.
-pub const CAP_SETUID: u32 = 7;
-/// `CAP_SETPCAP`: change the bounding set.
-pub const CAP_SETPCAP: u32 = 8;
-/// `CAP_NET_ADMIN`.
-pub const CAP_NET_ADMIN: u32 = 12;
-/// `CAP_IPC_LOCK`: lock memory.
-pub const CAP_IPC_LOCK: u32 = 14;
-/// `CAP_SYS_MODULE`.
-pub const CAP_SYS_MODULE: u32 = 16;
 /// `CAP_SYS_PTRACE`: trace or inspect (`/proc/PID/maps`) any process.
 pub const CAP_SYS_PTRACE: u32 = 19;
 /// `CAP_SYS_ADMIN`: mount, FUSE passthrough backing ids, and much more.
 pub const CAP_SYS_ADMIN: u32 = 21;
-/// `CAP_SYS_RESOURCE`.
-pub const CAP_SYS_RESOURCE: u32 = 24;
 
 /// A set of capabilities as a bit mask (bit N is capability N).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
@@ -112,11 +98,6 @@ impl CapSet {
     /// Whether every capability of `self` is in `other`.
     pub fn is_subset(self, other: CapSet) -> bool {
         self.0 & !other.0 == 0
-    }
-
-    /// Capabilities in both sets.
-    pub fn intersect(self, other: CapSet) -> CapSet {
-        CapSet(self.0 & other.0)
     }
 
     /// Names of the capabilities in the set (`cap_N` for numbers this crate does not know).
@@ -218,32 +199,6 @@ pub fn capget() -> io::Result<ThreadCaps> {
     }
 }
 
-/// Safe wrapper for `capset(2)` of the calling thread.
-///
-/// # Errors
-/// `EPERM` when a set would grow beyond what the kernel allows; the kernel's errno.
-pub fn capset(caps: ThreadCaps) -> io::Result<()> {
-    let (el, eh) = split(caps.effective);
-    let (pl, ph) = split(caps.permitted);
-    let (il, ih) = split(caps.inheritable);
-    let d = [
-        CapData {
-            effective: el,
-            permitted: pl,
-            inheritable: il,
-        },
-        CapData {
-            effective: eh,
-            permitted: ph,
-            inheritable: ih,
-        },
-    ];
-    match capset_raw(&d) {
-        0 => Ok(()),
-        e => Err(crate::errno(e)),
-    }
-}
-
 /// The highest capability number the running kernel knows (`/proc/sys/kernel/cap_last_cap`).
 ///
 /// # Errors
@@ -254,65 +209,6 @@ pub fn last_cap() -> io::Result<u32> {
         .parse::<u32>()
         .map(|c| c.min(63))
         .map_err(|_| crate::errno(libc::EIO))
-}
-
-/// Safe wrapper for `prctl(PR_CAPBSET_READ)`: whether `cap` is in the calling thread's
-/// bounding set.
-///
-/// # Errors
-/// `EINVAL` for an unknown capability.
-pub fn bounding_contains(cap: u32) -> io::Result<bool> {
-    // SAFETY: PR_CAPBSET_READ takes a capability number and reads thread state only.
-    let r = check_retval(unsafe { libc::prctl(libc::PR_CAPBSET_READ, cap as libc::c_ulong) })?;
-    Ok(r == 1)
-}
-
-/// Safe wrapper for `prctl(PR_CAPBSET_DROP)`: removes `cap` from the calling thread's
-/// bounding set (it can then never be regained, also not through `execve`).
-///
-/// # Errors
-/// `EPERM` without `CAP_SETPCAP`; `EINVAL` for an unknown capability.
-pub fn bounding_drop(cap: u32) -> io::Result<()> {
-    // SAFETY: PR_CAPBSET_DROP takes a capability number and changes this thread only.
-    check_retval(unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong) })?;
-    Ok(())
-}
-
-/// Safe wrapper for `prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)` (calling thread).
-///
-/// # Errors
-/// The kernel's errno.
-pub fn ambient_clear() -> io::Result<()> {
-    // SAFETY: clears this thread's ambient set; the extra arguments must be zero.
-    check_retval(unsafe {
-        libc::prctl(
-            libc::PR_CAP_AMBIENT,
-            libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
-            0 as libc::c_ulong,
-            0 as libc::c_ulong,
-            0 as libc::c_ulong,
-        )
-    })?;
-    Ok(())
-}
-
-/// Safe wrapper for `prctl(PR_SET_NO_NEW_PRIVS, 1)` (calling thread): `execve` can no
-/// longer grant privileges (set-user-id bits, file capabilities).
-///
-/// # Errors
-/// The kernel's errno.
-pub fn set_no_new_privs() -> io::Result<()> {
-    // SAFETY: sets a flag of this thread; the extra arguments must be zero.
-    check_retval(unsafe {
-        libc::prctl(
-            libc::PR_SET_NO_NEW_PRIVS,
-            1 as libc::c_ulong,
-            0 as libc::c_ulong,
-            0 as libc::c_ulong,
-            0 as libc::c_ulong,
-        )
-    })?;
-    Ok(())
 }
 
 /// The capability lines of `/proc/PID/status` (or of one thread of it).
@@ -457,7 +353,7 @@ fn restrict_thread_raw(keep: u64, last_cap: u64) -> i32 {
     if e != 0 {
         return e;
     }
-    let (lo, hi) = (keep as u32, (keep >> 32) as u32);
+    let (lo, hi) = split(CapSet(keep));
     for (w, mask) in d.iter_mut().zip([lo, hi]) {
         w.permitted &= mask;
         w.effective = w.permitted;
@@ -473,8 +369,7 @@ extern "C" fn restrict_handler(_sig: libc::c_int) {
     if e != 0 {
         let _ = FAILED.compare_exchange(0, e, Ordering::SeqCst, Ordering::SeqCst);
     }
-    // SAFETY: restores this thread's errno slot, always valid.
-    unsafe { *libc::__errno_location() = saved };
+    crate::shim_sys::set_errno(saved);
 }
 
 /// The signal [`restrict_process`] uses: a real-time signal above glibc's own.

@@ -38,7 +38,7 @@ impl PoolError {
     pub fn errno(&self) -> i32 {
         match self {
             PoolError::Short { .. } => libc::ENOMEM,
-            PoolError::Sysctl(e) | PoolError::Lock(e) => e.raw_os_error().unwrap_or(libc::EIO),
+            PoolError::Sysctl(e) | PoolError::Lock(e) => crate::errno_of(e),
         }
     }
 }

@@ -50,6 +50,12 @@ pub fn errno(errno: i32) -> io::Error {
     io::Error::from_raw_os_error(errno)
 }
 
+/// The errno an `io::Error` carries, `EIO` when it carries none: what a client is told.
+/// Allocation-free (the `LD_PRELOAD` shim uses it).
+pub fn errno_of(e: &io::Error) -> i32 {
+    e.raw_os_error().filter(|&n| n > 0).unwrap_or(libc::EIO)
+}
+
 /// Re-exported errno values the other crates need, so they never touch `libc` directly.
 pub mod errnos {
     pub use libc::{

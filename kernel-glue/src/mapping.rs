@@ -26,7 +26,7 @@ pub enum Protection {
 }
 
 impl Protection {
-    fn bits(self) -> i32 {
+    pub(crate) fn bits(self) -> i32 {
         match self {
             Protection::ReadOnly => libc::PROT_READ,
             Protection::ReadWrite => libc::PROT_READ | libc::PROT_WRITE,
@@ -272,14 +272,20 @@ impl Mapping {
         Ok(())
     }
 
+    /// `EACCES` unless the mapping is read-write.
+    pub(crate) fn require_writable(&self) -> io::Result<()> {
+        if self.prot != Protection::ReadWrite {
+            return Err(crate::errno(libc::EACCES));
+        }
+        Ok(())
+    }
+
     /// Copies `data` into the mapping at `offset`.
     ///
     /// # Errors
     /// `EINVAL` out of range; `EACCES` for a read-only mapping.
     pub fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
-        if self.prot != Protection::ReadWrite {
-            return Err(crate::errno(libc::EACCES));
-        }
+        self.require_writable()?;
         let (start, len) = self.range(offset, data.len() as u64)?;
         // SAFETY: the target range is inside our writable mapping; raw-pointer copy.
         unsafe { ptr::copy_nonoverlapping(data.as_ptr(), start as *mut u8, len) };
@@ -304,9 +310,7 @@ impl Mapping {
     /// # Errors
     /// `EINVAL` when out of range or misaligned; `EACCES` for a read-only mapping.
     pub fn store_u64(&self, offset: u64, value: u64) -> io::Result<()> {
-        if self.prot != Protection::ReadWrite {
-            return Err(crate::errno(libc::EACCES));
-        }
+        self.require_writable()?;
         let (start, _) = self.range(offset, 8)?;
         if start % 8 != 0 {
             return Err(crate::errno(libc::EINVAL));

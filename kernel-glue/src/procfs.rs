@@ -67,20 +67,35 @@ pub fn vm_pte(pid: u32) -> io::Result<u64> {
 /// # Errors
 /// `ENOENT` when no VMA contains `addr` or the process is gone.
 pub fn kernel_page_size(pid: u32, addr: usize) -> io::Result<u64> {
+    smaps_field(pid, addr, "KernelPageSize")
+}
+
+/// The value of `field` (a `kB` field such as `KernelPageSize`, `Rss`, `ShmemPmdMapped`,
+/// `FilePmdMapped`), in bytes, in the `/proc/PID/smaps` entry of the VMA of `pid` that
+/// contains `addr`.
+///
+/// # Errors
+/// `ENOENT` when no VMA contains `addr`, the field is missing or the process is gone.
+pub fn smaps_field(pid: u32, addr: usize, field: &str) -> io::Result<u64> {
     let t = std::fs::read_to_string(format!("/proc/{pid}/smaps"))?;
     let mut inside = false;
     for line in t.lines() {
-        if let Some((range, _)) = line.split_once(' ') {
-            if let Some((a, b)) = range.split_once('-') {
-                if let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
-                {
-                    inside = a <= addr && addr < b;
-                    continue;
-                }
+        let first = line.split_ascii_whitespace().next().unwrap_or("");
+        if let Some((a, b)) = first.split_once('-') {
+            if let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16)) {
+                inside = a <= addr && addr < b;
+                continue;
             }
         }
-        if inside {
-            if let Some(kb) = field_kb(line, "KernelPageSize") {
+        if !inside {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix(field).and_then(|r| r.strip_prefix(':')) {
+            if let Some(kb) = rest
+                .split_ascii_whitespace()
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+            {
                 return Ok(kb * 1024);
             }
         }

@@ -24,6 +24,7 @@ use kernel_glue::mapping::{Mapping, Protection};
 use kernel_glue::shim_sys;
 use kernel_glue::{consts, fd as kfd};
 
+use crate::region::Backing;
 use crate::uapi;
 
 /// Longest path the module builds (`PATH_MAX`, with the NUL).
@@ -72,7 +73,7 @@ impl AnonError {
             | AnonError::Create(e)
             | AnonError::SetBacking(e)
             | AnonError::SetSize(e)
-            | AnonError::Attach(e) => e.raw_os_error().filter(|&n| n > 0).unwrap_or(EIO),
+            | AnonError::Attach(e) => kernel_glue::errno_of(e),
             AnonError::NotMsharefs => ENODEV,
             AnonError::PathTooLong => ENAMETOOLONG,
             AnonError::NotHugetlb => EIO,
@@ -252,7 +253,12 @@ pub fn create_anon_region(
     path.push(b"/")?;
     path.push(file.bytes())?;
     crate::region::retry_while_busy(|| {
-        shim_sys::setxattr(path.as_cstr(), c"user.mshare.backing", b"hugetlb", 0)
+        shim_sys::setxattr(
+            path.as_cstr(),
+            uapi::BACKING_XATTR_C,
+            Backing::Hugetlb.name().as_bytes(),
+            0,
+        )
     })
     .map_err(AnonError::SetBacking)?;
     let fd = shim_sys::openat(Some(dirfd.as_fd()), file.as_cstr(), consts::O_RDWR, 0)

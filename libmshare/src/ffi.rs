@@ -87,10 +87,7 @@ const PANIC_ERRNO: c_int = libc::EIO;
 /// The one place an `io::Error` becomes a C return value: a negative errno, `-EIO` when
 /// the error carries none.
 fn neg_errno(e: &io::Error) -> c_int {
-    match e.raw_os_error() {
-        Some(n) if n > 0 => -n,
-        _ => -libc::EIO,
-    }
+    -kernel_glue::errno_of(e)
 }
 
 fn einval() -> io::Error {
@@ -404,15 +401,7 @@ pub unsafe extern "C" fn mshare_unlink(path: *const c_char) -> c_int {
     boundary(|| {
         // SAFETY: `path` is NULL or a C string (function contract).
         let path = unsafe { c_path(path) }?;
-        let dir = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
-        match kernel_glue::fd::statfs(dir)?.fs_type {
-            kernel_glue::FUSE_SUPER_MAGIC | kernel_glue::HUGETLBFS_MAGIC => {}
-            _ => return Err(kernel_glue::errno(libc::ENODEV)),
-        }
-        std::fs::remove_file(path)
+        Region::unlink(path)
     })
 }
 

@@ -120,11 +120,6 @@ fn info(fd: impl AsFd) -> io::Result<uapi::MshareRegionInfo> {
     Ok(info)
 }
 
-fn socket_path(info: &uapi::MshareRegionInfo) -> PathBuf {
-    let end = info.socket_path.iter().position(|&b| b == 0).unwrap_or(0);
-    PathBuf::from(String::from_utf8_lossy(&info.socket_path[..end]).into_owned())
-}
-
 impl Region {
     /// Creates a region with `O_EXCL` semantics, sets its size (reserving its memory) and
     /// returns it open read-write. On any failure the new file is removed again.
@@ -142,16 +137,8 @@ impl Region {
         if size == 0 || size % backing.page_size() != 0 || mode & !0o7777 != 0 {
             return Err(kernel_glue::errno(EINVAL));
         }
-        let dir = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        let fs = kfd::statfs(&dir)?;
-        let direct = match fs.fs_type {
-            kernel_glue::HUGETLBFS_MAGIC => true,
-            kernel_glue::FUSE_SUPER_MAGIC => false,
-            _ => return Err(kernel_glue::errno(ENODEV)),
-        };
+        let dir = parent_dir(path);
+        let direct = is_direct(dir)?;
         if direct && !matches!(backing, Backing::Default | Backing::Hugetlb) {
             return Err(kernel_glue::errno(EINVAL));
         }
@@ -187,7 +174,7 @@ impl Region {
             Err(e) if e.raw_os_error() != Some(ENOENT) => return Err(e),
             Err(_) => {}
         }
-        let (tmp, fd) = create_temp(&dir, mode)?;
+        let (tmp, fd) = create_temp(dir, mode)?;
         let undo = |e: io::Error| {
             let _ = std::fs::remove_file(&tmp);
             e
@@ -208,6 +195,16 @@ impl Region {
         Self::from_msharefs_fd(fd, true).inspect_err(|_| {
             let _ = std::fs::remove_file(path);
         })
+    }
+
+    /// Removes the region `path`. Its memory is freed once no process has it open or
+    /// attached.
+    ///
+    /// # Errors
+    /// `ENODEV` when `path` is not on msharefs or hugetlbfs; any `unlink` errno.
+    pub fn unlink(path: &Path) -> io::Result<()> {
+        is_direct(parent_dir(path))?;
+        std::fs::remove_file(path)
     }
 
     /// Opens an existing region; `oflags` access mode is `O_RDONLY` or `O_RDWR`.
@@ -246,7 +243,10 @@ impl Region {
             backing: Backing::from_raw(info.backing)?,
             writable,
             kind: Kind::Msharefs {
-                socket: socket_path(&info),
+                // Empty when the daemon reported none: attaching then fails.
+                socket: crate::interpose::socket_path(&info)
+                    .map(Path::to_path_buf)
+                    .unwrap_or_default(),
             },
             fd,
         })
@@ -293,6 +293,24 @@ impl Region {
             _ => Mapping::map_aligned(&self.fd, self.size, prot, uapi::MSHARE_GRANULE)?,
         };
         Ok(Attachment { mapping })
+    }
+}
+
+/// The directory a region `path` lives in (`.` for a bare name).
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// Whether regions in `dir` are files of a hugetlbfs mount used directly (`true`) or of an
+/// msharefs mount (`false`); `ENODEV` for any other file system.
+fn is_direct(dir: &Path) -> io::Result<bool> {
+    match kfd::statfs(dir)?.fs_type {
+        kernel_glue::HUGETLBFS_MAGIC => Ok(true),
+        kernel_glue::FUSE_SUPER_MAGIC => Ok(false),
+        _ => Err(kernel_glue::errno(ENODEV)),
     }
 }
 

@@ -12,7 +12,12 @@ pub const MSHARE_INFO_NAME: &str = "mshare_info";
 /// The granule msharefs reports: the range one shared PMD page-table page covers.
 pub const MSHARE_GRANULE: u64 = 1 << 30;
 /// Extended attribute that chooses a region's backing before its size is set.
-pub const BACKING_XATTR: &str = "user.mshare.backing";
+pub const BACKING_XATTR: &str = match BACKING_XATTR_C.to_str() {
+    Ok(s) => s,
+    Err(_) => panic!("the name is ASCII"),
+};
+/// [`BACKING_XATTR`] as a C string, for the allocation-free shim.
+pub const BACKING_XATTR_C: &std::ffi::CStr = c"user.mshare.backing";
 /// Names starting with this are regions being created by libmshare, renamed into place
 /// once sized. The daemon removes such a region, if sized, when its last descriptor
 /// closes before the rename: its creator died and no one else will ever name it.

@@ -25,10 +25,8 @@ pub type Errno = i32;
 /// Result of a file-system operation.
 pub type FsResult<T> = Result<T, Errno>;
 
-/// The one place a missing errno becomes `EIO`.
-pub fn errno_of(e: &io::Error) -> Errno {
-    e.raw_os_error().unwrap_or(EIO)
-}
+/// An `io::Error`'s errno for a client, `EIO` when it carries none.
+pub use kernel_glue::errno_of;
 
 /// What `mshare_info` contains.
 pub fn info_text() -> String {

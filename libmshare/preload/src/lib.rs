@@ -104,8 +104,7 @@ fn attach(len: usize, prot: i32, flags: i32, fd: BorrowedFd<'_>) -> Result<Optio
     let Ok(prot) = Protection::from_bits(prot) else {
         return Ok(None);
     };
-    let mapping = interpose::attach_fd(fd, &info, prot)
-        .map_err(|e| e.raw_os_error().filter(|&n| n > 0).unwrap_or(EIO))?;
+    let mapping = interpose::attach_fd(fd, &info, prot).map_err(|e| kernel_glue::errno_of(&e))?;
     if flags & shim_sys::MAP_POPULATE != 0 {
         // mmap(2) ignores MAP_POPULATE failures too: the pages fault in later instead.
         let _ = mapping.populate(0, info.size);

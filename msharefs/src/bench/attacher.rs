@@ -160,7 +160,7 @@ fn attach_and_touch(args: &AttacherArgs) -> io::Result<(Held, Value)> {
         Some(m) => (
             m.addr(),
             procfs::kernel_page_size(me, m.addr()).unwrap_or(0),
-            bench_sys::smaps_field(me, m.addr(), "ShmemPmdMapped").unwrap_or(0),
+            procfs::smaps_field(me, m.addr(), "ShmemPmdMapped").unwrap_or(0),
         ),
         None => (0, 0, 0),
     };

@@ -465,14 +465,7 @@ fn bandwidth_interleaved(
     let Ok(_grant) = kernel_glue::hugepages::grow(size / kernel_glue::HUGE_PAGE_SIZE) else {
         return Ok(None);
     };
-    let reference = Spec {
-        kind: AttachKind::AnonHugetlb,
-        path: None,
-        size,
-        stride: kernel_glue::HUGE_PAGE_SIZE,
-        populate: false,
-    };
-    let mut r = fleet.spawn(&reference)?;
+    let mut r = fleet.spawn(&reference_spec(size))?;
     fleet.report(&mut r, report_limit(size))?;
     let mut c = fleet.spawn(spec)?;
     fleet.report(&mut c, report_limit(size))?;
@@ -508,18 +501,38 @@ fn bandwidth_reference(opts: &Opts, fleet: &mut Fleet) -> Result<f64, BenchError
     }
     let _grant = kernel_glue::hugepages::grow(size / kernel_glue::HUGE_PAGE_SIZE)
         .map_err(|e| BenchError::setup("grow the huge page pool for the reference", e.into()))?;
-    let spec = Spec {
+    sweep_alone(
+        fleet,
+        &reference_spec(size),
+        opts.sweeps,
+        Duration::from_secs(60),
+    )
+}
+
+/// The bandwidth reference: an anonymous MAP_HUGETLB mapping of `size` bytes.
+fn reference_spec(size: u64) -> Spec {
+    Spec {
         kind: AttachKind::AnonHugetlb,
         path: None,
         size,
         stride: kernel_glue::HUGE_PAGE_SIZE,
         populate: false,
-    };
-    let mut a = fleet.spawn(&spec)?;
-    fleet.report(&mut a, report_limit(size))?;
-    a.send(&format!("sweep {}", opts.sweeps))?;
-    let v = fleet.report(&mut a, report_limit(size) * opts.sweeps)?;
-    fleet.release(vec![a], Duration::from_secs(60))?;
+    }
+}
+
+/// One attacher of `spec` sweeping `sweeps` times with nothing else running; its best
+/// bandwidth in GB/s.
+fn sweep_alone(
+    fleet: &mut Fleet,
+    spec: &Spec,
+    sweeps: u32,
+    release_limit: Duration,
+) -> Result<f64, BenchError> {
+    let mut a = fleet.spawn(spec)?;
+    fleet.report(&mut a, report_limit(spec.size))?;
+    a.send(&format!("sweep {sweeps}"))?;
+    let v = fleet.report(&mut a, report_limit(spec.size) * sweeps)?;
+    fleet.release(vec![a], release_limit)?;
     Ok(v["sweep_gbps"].as_f64().unwrap_or(0.0))
 }
 
@@ -759,11 +772,7 @@ fn run_config(
         None => {
             // Not enough memory for both at once: the region's attacher sweeps now, the
             // reference right after the region is gone.
-            let mut a = fleet.spawn(&spec)?;
-            fleet.report(&mut a, report_limit(size))?;
-            a.send(&format!("sweep {}", opts.sweeps))?;
-            let v = fleet.report(&mut a, report_limit(size) * opts.sweeps)?;
-            fleet.release(vec![a], Duration::from_secs(120))?;
+            let bandwidth = sweep_alone(fleet, &spec, opts.sweeps, Duration::from_secs(120))?;
             drop(target);
             let r = bandwidth_reference(opts, fleet)?;
             notes.push(
@@ -771,7 +780,7 @@ fn run_config(
                  not fit at once)"
                     .into(),
             );
-            (v["sweep_gbps"].as_f64().unwrap_or(0.0), r)
+            (bandwidth, r)
         }
     };
     let pt = median(&s.pt_unmap);
