@@ -419,6 +419,7 @@ fn kept() -> CapSet {
         caps::CAP_DAC_OVERRIDE,
         caps::CAP_FOWNER,
         caps::CAP_SYS_ADMIN,
+        caps::CAP_SYS_PTRACE,
     ])
 }
 

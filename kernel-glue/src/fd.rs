@@ -99,6 +99,8 @@ pub struct Stat {
     pub size: u64,
     /// Allocated 512-byte blocks.
     pub blocks: u64,
+    /// Hard links (0 once the last name is gone).
+    pub nlink: u64,
 }
 
 impl Stat {
@@ -111,6 +113,7 @@ impl Stat {
             gid: st.st_gid,
             size: st.st_size as u64,
             blocks: st.st_blocks as u64,
+            nlink: st.st_nlink,
         }
     }
 }

@@ -12,6 +12,7 @@ pub mod bench_sys;
 pub mod caps;
 pub mod fd;
 pub mod hugepages;
+pub mod ipc;
 pub mod mapping;
 pub mod mount;
 pub mod process;
@@ -59,9 +60,9 @@ pub fn errno_of(e: &io::Error) -> i32 {
 /// Re-exported errno values the other crates need, so they never touch `libc` directly.
 pub mod errnos {
     pub use libc::{
-        E2BIG, EACCES, EBADF, EBUSY, ECONNABORTED, EDQUOT, EEXIST, EFAULT, EINVAL, EIO, EISDIR,
-        ENAMETOOLONG, ENODATA, ENODEV, ENOENT, ENOMEM, ENOSPC, ENOSYS, ENOTCONN, ENOTDIR,
-        ENOTEMPTY, ENOTTY, EOPNOTSUPP, EOVERFLOW, EPERM, ERANGE, EROFS, EXDEV,
+        E2BIG, EACCES, EBADF, EBUSY, ECONNABORTED, ECONNREFUSED, EDQUOT, EEXIST, EFAULT, EIDRM,
+        EINVAL, EIO, EISDIR, ENAMETOOLONG, ENODATA, ENODEV, ENOENT, ENOMEM, ENOSPC, ENOSYS,
+        ENOTCONN, ENOTDIR, ENOTEMPTY, ENOTTY, EOPNOTSUPP, EOVERFLOW, EPERM, ERANGE, EROFS, EXDEV,
     };
 }
 

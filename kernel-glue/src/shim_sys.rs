@@ -43,21 +43,29 @@ pub unsafe fn raw_munmap(addr: *mut c_void, len: usize) -> i32 {
     unsafe { libc::syscall(libc::SYS_munmap, addr, len) as i32 }
 }
 
-/// Safe wrapper for `getenv(3)`: the value of `name`, borrowed from the environment.
+/// Safe wrapper for `getenv(3)`: the value of `name`, copied into `buf` (with its NUL),
+/// or `None` when it is unset or does not fit.
 ///
-/// Allocation-free. The value lives as long as nobody changes that variable: like every
-/// `getenv` caller, the shim relies on the program not calling `setenv`/`putenv` for the
-/// `MSHARE_*` variables while another thread reads them.
-pub fn getenv(name: &CStr) -> Option<&'static CStr> {
+/// Allocation-free. The value is copied at once because the environment's own string is
+/// freed by a later `setenv`/`putenv` of the same variable.
+pub fn getenv<'b>(name: &CStr, buf: &'b mut [u8]) -> Option<&'b CStr> {
     // SAFETY: `name` is NUL-terminated; getenv returns NULL or a pointer into the
-    // environment, a NUL-terminated string that stays valid until the variable changes.
+    // environment, a NUL-terminated string, which we copy before returning.
     let p = unsafe { libc::getenv(name.as_ptr()) };
     if p.is_null() {
-        None
-    } else {
-        // SAFETY: non-null, NUL-terminated (above).
-        Some(unsafe { CStr::from_ptr(p) })
+        return None;
     }
+    // SAFETY: non-null and NUL-terminated (above).
+    let value = unsafe { CStr::from_ptr(p) }.to_bytes_with_nul();
+    let dst = buf.get_mut(..value.len())?;
+    dst.copy_from_slice(value);
+    CStr::from_bytes_with_nul(dst).ok()
+}
+
+/// Whether the environment variable `name` is set (to anything, even empty).
+pub fn env_is_set(name: &CStr) -> bool {
+    // SAFETY: `name` is NUL-terminated; only the pointer's nullness is used.
+    !unsafe { libc::getenv(name.as_ptr()) }.is_null()
 }
 
 /// Safe wrapper for `openat(2)`, relative to `dir` (or the working directory for `None`),
@@ -141,6 +149,187 @@ pub fn write_stderr(msg: &[u8]) {
     }
 }
 
+/// The raw `ftruncate(2)` system call, bypassing the C library's (which the shim
+/// replaces). Returns 0, or -1 with `errno` set.
+pub fn raw_ftruncate(fd: i32, len: i64) -> i32 {
+    // SAFETY: ftruncate takes plain integers and touches no memory of ours.
+    unsafe { libc::syscall(libc::SYS_ftruncate, fd, len) as i32 }
+}
+
+/// The raw `fallocate(2)` system call. Returns 0, or -1 with `errno` set.
+pub fn raw_fallocate(fd: i32, mode: i32, offset: i64, len: i64) -> i32 {
+    // SAFETY: fallocate takes plain integers and touches no memory of ours.
+    unsafe { libc::syscall(libc::SYS_fallocate, fd, mode, offset, len) as i32 }
+}
+
+/// Reads up to `len` bytes at `offset` of `fd` into `[addr, addr + len)`, retrying short
+/// reads and `EINTR` (`pread(2)` into memory the caller owns). Returns the bytes read
+/// (fewer at end of file).
+///
+/// # Errors
+/// The kernel's errno.
+///
+/// # Safety
+/// `[addr, addr + len)` must be writable memory the caller owns, referenced by nothing.
+pub unsafe fn pread_into(
+    fd: BorrowedFd<'_>,
+    addr: usize,
+    len: usize,
+    offset: i64,
+) -> io::Result<usize> {
+    let mut done = 0;
+    while done < len {
+        // SAFETY: the rest of the caller's range (function contract).
+        let n = unsafe {
+            libc::pread(
+                fd.as_raw_fd(),
+                (addr + done) as *mut c_void,
+                len - done,
+                offset + done as i64,
+            )
+        };
+        match n {
+            0 => break,
+            n if n > 0 => done += n as usize,
+            _ => {
+                let e = io::Error::last_os_error();
+                if e.raw_os_error() != Some(libc::EINTR) {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(done)
+}
+
+/// The raw `mprotect(2)` system call. Returns 0, or -1 with `errno` set.
+///
+/// # Safety
+/// The caller must own `[addr, addr + len)`.
+pub unsafe fn raw_mprotect(addr: *mut c_void, len: usize, prot: i32) -> i32 {
+    // SAFETY: the caller owns the range.
+    unsafe { libc::syscall(libc::SYS_mprotect, addr, len, prot) as i32 }
+}
+
+/// The next definition of `name` after the calling object (`dlsym(RTLD_NEXT, name)`):
+/// the C library's function the shim replaces, or null.
+///
+/// Does not allocate when the symbol exists. Call it outside of `malloc` and signal
+/// handlers only (the shim's callers, `shm_open` and friends, are neither).
+pub fn next_symbol(name: &CStr) -> *mut c_void {
+    // SAFETY: `name` is NUL-terminated; dlsym only reads it.
+    unsafe { libc::dlsym(libc::RTLD_NEXT, name.as_ptr()) }
+}
+
+/// Safe wrapper for `dup3(2)`: makes `new` a duplicate of `old` (closing what `new` was),
+/// close-on-exec when `cloexec`.
+///
+/// # Errors
+/// The kernel's errno.
+pub fn dup3(old: BorrowedFd<'_>, new: i32, cloexec: bool) -> io::Result<()> {
+    let flags = if cloexec { libc::O_CLOEXEC } else { 0 };
+    // SAFETY: dup3 takes plain integers; replacing `new` is what the caller asks for.
+    if unsafe { libc::dup3(old.as_raw_fd(), new, flags) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Closes `fd`, which the caller owns and no one uses any more (`close(2)`; errors are
+/// ignored: the descriptor is gone either way).
+pub fn close_raw(fd: i32) {
+    // SAFETY: closing a descriptor the caller owns; nothing else refers to it.
+    unsafe { libc::close(fd) };
+}
+
+/// Whether `fd` is close-on-exec (`fcntl(F_GETFD)`).
+///
+/// # Errors
+/// `EBADF`.
+pub fn is_cloexec(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    // SAFETY: F_GETFD takes no argument.
+    let r = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFD) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(r & libc::FD_CLOEXEC != 0)
+}
+
+/// The device of the file system holding `path` (`stat(2)`). Allocation-free.
+///
+/// # Errors
+/// The kernel's errno.
+pub fn path_dev(path: &CStr) -> io::Result<u64> {
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: `path` is NUL-terminated; stat writes one struct stat into our buffer.
+    if unsafe { libc::stat(path.as_ptr(), st.as_mut_ptr()) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: stat succeeded, so it filled `st`.
+    Ok(unsafe { st.assume_init() }.st_dev)
+}
+
+/// Whether `fd` has the extended attribute `name` (`fgetxattr(2)` with no buffer).
+///
+/// # Errors
+/// The kernel's errno other than `ENODATA`.
+pub fn has_xattr(fd: BorrowedFd<'_>, name: &CStr) -> io::Result<bool> {
+    // SAFETY: a null buffer of size 0 asks only for the value's size.
+    let r = unsafe { libc::fgetxattr(fd.as_raw_fd(), name.as_ptr(), std::ptr::null_mut(), 0) };
+    if r >= 0 {
+        return Ok(true);
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::ENODATA) {
+        Ok(false)
+    } else {
+        Err(e)
+    }
+}
+
+/// Reserves `len` bytes of address space (anonymous, `PROT_NONE`) at an address
+/// congruent to `shift` modulo `align` (a power of two), for the caller to map over with
+/// `MAP_FIXED`. Returns the address; the reservation is exactly `[addr, addr + len)`.
+///
+/// # Errors
+/// `EINVAL` for a bad `align` or `shift`; `ENOMEM` when no such range is free.
+pub fn reserve_aligned(len: usize, align: usize, shift: usize) -> io::Result<usize> {
+    if len == 0 || !align.is_power_of_two() || shift >= align || shift % 4096 != 0 {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    let span = len
+        .checked_add(align)
+        .and_then(|s| s.checked_add(shift))
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))?;
+    // SAFETY: a fresh anonymous PROT_NONE reservation at a kernel-chosen address.
+    let base = unsafe {
+        raw_mmap(
+            std::ptr::null_mut(),
+            span,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if base == MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    let base = base as usize;
+    let addr = ((base + align - 1) & !(align - 1)) + shift;
+    // SAFETY: both trimmed ranges are parts of the reservation just made, outside
+    // [addr, addr + len), referenced by nothing.
+    unsafe {
+        if addr > base {
+            raw_munmap(base as *mut c_void, addr - base);
+        }
+        if base + span > addr + len {
+            raw_munmap((addr + len) as *mut c_void, base + span - addr - len);
+        }
+    }
+    Ok(addr)
+}
+
 /// `MAP_FAILED`, the error return of `mmap`.
 pub const MAP_FAILED: *mut c_void = libc::MAP_FAILED;
 
@@ -168,6 +357,18 @@ pub const MAP_HUGE_2MB: i32 = libc::MAP_HUGE_2MB;
 pub const PROT_READ_WRITE: i32 = libc::PROT_READ | libc::PROT_WRITE;
 /// `O_DIRECTORY`.
 pub const O_DIRECTORY: i32 = libc::O_DIRECTORY;
+/// `MAP_SHARED`.
+pub const MAP_SHARED: i32 = libc::MAP_SHARED;
+/// `MAP_PRIVATE`.
+pub const MAP_PRIVATE: i32 = libc::MAP_PRIVATE;
+/// `MAP_FIXED`.
+pub const MAP_FIXED: i32 = libc::MAP_FIXED;
+/// `PROT_READ`.
+pub const PROT_READ: i32 = libc::PROT_READ;
+/// `PROT_WRITE`.
+pub const PROT_WRITE: i32 = libc::PROT_WRITE;
+/// `PROT_EXEC`.
+pub const PROT_EXEC: i32 = libc::PROT_EXEC;
 
 /// Sets the calling thread's `errno`.
 pub fn set_errno(errno: i32) {

@@ -24,6 +24,7 @@ use kernel_glue::mapping::{Mapping, Protection};
 use kernel_glue::shim_sys;
 use kernel_glue::{consts, fd as kfd};
 
+use crate::cstr::{StackStr, TooLong};
 use crate::region::Backing;
 use crate::uapi;
 
@@ -110,53 +111,9 @@ pub enum AnonName<'a> {
     Kept(&'a [u8]),
 }
 
-/// A NUL-terminated string built on the stack.
-struct StackStr<const N: usize> {
-    buf: [u8; N],
-    len: usize,
-}
-
-impl<const N: usize> StackStr<N> {
-    fn new() -> Self {
-        StackStr {
-            buf: [0; N],
-            len: 0,
-        }
-    }
-
-    /// Appends `bytes`; `Err` when they (with the NUL) do not fit or contain a NUL.
-    fn push(&mut self, bytes: &[u8]) -> Result<(), AnonError> {
-        if bytes.contains(&0) || self.len + bytes.len() >= N {
-            return Err(AnonError::PathTooLong);
-        }
-        self.buf[self.len..self.len + bytes.len()].copy_from_slice(bytes);
-        self.len += bytes.len();
-        self.buf[self.len] = 0;
-        Ok(())
-    }
-
-    /// Appends `n` in decimal.
-    fn push_u64(&mut self, mut n: u64) -> Result<(), AnonError> {
-        let mut digits = [0u8; 20];
-        let mut i = digits.len();
-        loop {
-            i -= 1;
-            digits[i] = b'0' + (n % 10) as u8;
-            n /= 10;
-            if n == 0 {
-                break;
-            }
-        }
-        self.push(&digits[i..])
-    }
-
-    fn bytes(&self) -> &[u8] {
-        &self.buf[..self.len]
-    }
-
-    fn as_cstr(&self) -> &CStr {
-        // `push` keeps a NUL at `len` and none before it.
-        CStr::from_bytes_with_nul(&self.buf[..=self.len]).unwrap_or(c"")
+impl From<TooLong> for AnonError {
+    fn from(_: TooLong) -> Self {
+        AnonError::PathTooLong
     }
 }
 
@@ -291,19 +248,6 @@ mod tests {
         assert_eq!(region_size(2 << 20), Some(2 * MIB));
         assert_eq!(region_size(291_954_688), Some(140 * 2 * MIB));
         assert_eq!(region_size(usize::MAX), None);
-    }
-
-    #[test]
-    fn stack_strings_refuse_what_does_not_fit() {
-        let mut s = StackStr::<16>::new();
-        s.push(b"anon-").unwrap();
-        s.push_u64(4_294_967_295).unwrap();
-        assert_eq!(s.as_cstr(), c"anon-4294967295");
-        assert!(matches!(s.push(b"x"), Err(AnonError::PathTooLong)));
-        let mut z = StackStr::<16>::new();
-        z.push_u64(0).unwrap();
-        assert_eq!(z.as_cstr(), c"0");
-        assert!(matches!(z.push(b"a\0b"), Err(AnonError::PathTooLong)));
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //! at once or in a freshly forked child: it keeps no state, takes no lock and does not
 //! allocate (paths are borrowed from the info struct, errors are raw errnos).
 
-use std::ffi::OsStr;
+use std::ffi::{CStr, OsStr};
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
@@ -20,6 +20,7 @@ use kernel_glue::errnos::*;
 use kernel_glue::mapping::{Mapping, Protection};
 use kernel_glue::{consts, fd as kfd, socket};
 
+use crate::cstr::StackStr;
 use crate::uapi::{self, MshareRegionInfo};
 
 /// The region behind `fd`, if `fd` is a region file on an msharefs mount with its size
@@ -50,6 +51,30 @@ pub fn socket_path(info: &MshareRegionInfo) -> io::Result<&Path> {
     Ok(Path::new(OsStr::from_bytes(&info.socket_path[..end])))
 }
 
+/// Sends one request message `msg` (with descriptor `fd`, if any) to the daemon's
+/// socket and reads its reply: the descriptor it sends on success, if any.
+///
+/// # Errors
+/// Connecting or talking to the socket; `EIO` for a malformed reply; the daemon's errno.
+pub fn request(
+    socket: &Path,
+    msg: &[u8],
+    fd: Option<BorrowedFd<'_>>,
+) -> io::Result<Option<OwnedFd>> {
+    let stream = UnixStream::connect(socket)?;
+    socket::send_with_fd(&stream, msg, fd)?;
+    let mut reply = [0u8; uapi::ATTACH_REPLY_LEN];
+    let (n, fd) = socket::recv_with_fd(&stream, &mut reply)?;
+    if n != uapi::ATTACH_REPLY_LEN {
+        return Err(kernel_glue::errno(EIO));
+    }
+    match i32::from_ne_bytes(reply) {
+        0 => Ok(fd),
+        e if e > 0 => Err(kernel_glue::errno(e)),
+        _ => Err(kernel_glue::errno(EIO)),
+    }
+}
+
 /// Asks the daemon at `socket` for the backing of the region open as `region_fd`, with
 /// read-only or read-write access (attach protocol in [`crate::uapi`]).
 ///
@@ -61,22 +86,100 @@ pub fn request_backing(
     region_fd: BorrowedFd<'_>,
     prot: Protection,
 ) -> io::Result<OwnedFd> {
-    let stream = UnixStream::connect(socket)?;
     let req = match prot {
         Protection::ReadWrite => uapi::ATTACH_WRITE,
         Protection::ReadOnly => uapi::ATTACH_READ,
     };
-    socket::send_with_fd(&stream, &[req], Some(region_fd))?;
-    let mut reply = [0u8; uapi::ATTACH_REPLY_LEN];
-    let (n, fd) = socket::recv_with_fd(&stream, &mut reply)?;
-    if n != uapi::ATTACH_REPLY_LEN {
-        return Err(kernel_glue::errno(EIO));
+    request(socket, &[req], Some(region_fd))?.ok_or_else(|| kernel_glue::errno(EIO))
+}
+
+/// What the `mshare_info` file of the msharefs mount at `dir` reports: the daemon's attach
+/// socket (the shim's way to find the daemon of `MSHARE_MOUNT`).
+///
+/// # Errors
+/// `ENAMETOOLONG` for a path that does not fit; `ENODEV` when `dir` is not on msharefs;
+/// open and ioctl errors.
+pub fn mount_info(dir: &CStr) -> io::Result<MshareRegionInfo> {
+    let mut path = StackStr::<4096>::new();
+    path.push(dir.to_bytes())
+        .and_then(|()| path.push(b"/"))
+        .and_then(|()| path.push(uapi::MSHARE_INFO_NAME.as_bytes()))
+        .map_err(|_| kernel_glue::errno(ENAMETOOLONG))?;
+    let fd = kernel_glue::shim_sys::openat(None, path.as_cstr(), consts::O_RDONLY, 0)?;
+    if kfd::fstatfs(&fd)?.fs_type != kernel_glue::FUSE_SUPER_MAGIC {
+        return Err(kernel_glue::errno(ENODEV));
     }
-    match (i32::from_ne_bytes(reply), fd) {
-        (0, Some(fd)) => Ok(fd),
-        (0, None) => Err(kernel_glue::errno(EIO)),
-        (e, _) if e > 0 => Err(kernel_glue::errno(e)),
-        _ => Err(kernel_glue::errno(EIO)),
+    let mut info = MshareRegionInfo::default();
+    kfd::ioctl_ptr(&fd, uapi::MSHAREFS_GET_INFO, &mut info).map_err(|e| {
+        if e.raw_os_error() == Some(ENOTTY) {
+            kernel_glue::errno(ENODEV)
+        } else {
+            e
+        }
+    })?;
+    Ok(info)
+}
+
+/// A shared-memory request (see [`uapi::SHM_POSIX_SIZE`] and the others): the request
+/// byte and its payload, built without allocating.
+pub struct ShmRequest {
+    buf: [u8; uapi::SHM_REQUEST_MAX],
+    len: usize,
+}
+
+impl ShmRequest {
+    fn new(kind: u8) -> ShmRequest {
+        let mut buf = [0; uapi::SHM_REQUEST_MAX];
+        buf[0] = kind;
+        ShmRequest { buf, len: 1 }
+    }
+
+    fn with(mut self, bytes: &[u8]) -> ShmRequest {
+        self.buf[self.len..self.len + bytes.len()].copy_from_slice(bytes);
+        self.len += bytes.len();
+        self
+    }
+
+    /// Make the POSIX segment sent with it a region of `length` bytes.
+    pub fn posix_size(length: u64) -> ShmRequest {
+        Self::new(uapi::SHM_POSIX_SIZE).with(&length.to_ne_bytes())
+    }
+
+    /// The region file of the POSIX segment sent with it.
+    pub fn posix_open() -> ShmRequest {
+        Self::new(uapi::SHM_POSIX_OPEN)
+    }
+
+    /// End the regions of segments that are gone, now.
+    pub fn reconcile() -> ShmRequest {
+        Self::new(uapi::SHM_RECONCILE)
+    }
+
+    /// The System V segment `id` of `size` bytes was just created by the sender.
+    pub fn sysv_created(id: i32, size: u64) -> ShmRequest {
+        Self::new(uapi::SHM_SYSV_CREATED)
+            .with(&id.to_ne_bytes())
+            .with(&size.to_ne_bytes())
+    }
+
+    /// The backing of System V segment `id`, which the sender has attached.
+    pub fn sysv_attach(id: i32, write: bool) -> ShmRequest {
+        Self::new(uapi::SHM_SYSV_ATTACH)
+            .with(&id.to_ne_bytes())
+            .with(&[u8::from(write)])
+    }
+
+    /// Sends it to the daemon whose `mshare_info` said `info`, with `fd` if the request
+    /// names a descriptor.
+    ///
+    /// # Errors
+    /// As [`request`].
+    pub fn send(
+        &self,
+        info: &MshareRegionInfo,
+        fd: Option<BorrowedFd<'_>>,
+    ) -> io::Result<Option<OwnedFd>> {
+        request(socket_path(info)?, &self.buf[..self.len], fd)
     }
 }
 

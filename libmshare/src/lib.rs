@@ -6,6 +6,7 @@
 //! - the C ABI (`mshare_*` functions, header `include/mshare.h`) is built on `region`.
 
 pub mod anon;
+pub mod cstr;
 pub mod ffi;
 pub mod interpose;
 pub mod region;

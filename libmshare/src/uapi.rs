@@ -63,10 +63,13 @@ pub struct MshareUnmap {
 pub const SOCKET_PATH_LEN: usize = 112;
 
 /// `struct mshare_region_info` (msharefs extension): what a client needs to attach.
+///
+/// On the `mshare_info` file it reports only the attach socket (size 0).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MshareRegionInfo {
-    /// Region size in bytes (0 while unset).
+    /// Bytes a mapping of the whole region covers: the size rounded up to the page size
+    /// (0 while unset).
     pub size: u64,
     /// Page size of the backing (2 MiB for hugetlb, 4096 otherwise).
     pub page_size: u64,
@@ -74,8 +77,15 @@ pub struct MshareRegionInfo {
     pub granule: u64,
     /// Backing kind, one of `BACKING_*`.
     pub backing: u32,
-    /// Layout version of this struct (1).
+    /// Layout version of this struct (2).
     pub version: u32,
+    /// The size `fstat` reports: `size`, or less for a shared-memory segment whose size is
+    /// not a multiple of the page size.
+    pub length: u64,
+    /// What the region is, one of `KIND_*`.
+    pub kind: u32,
+    /// Zero.
+    pub reserved: u32,
     /// NUL-terminated path of the daemon's attach socket.
     pub socket_path: [u8; SOCKET_PATH_LEN],
 }
@@ -88,10 +98,21 @@ impl Default for MshareRegionInfo {
             granule: 0,
             backing: 0,
             version: 0,
+            length: 0,
+            kind: 0,
+            reserved: 0,
             socket_path: [0; SOCKET_PATH_LEN],
         }
     }
 }
+
+/// [`MshareRegionInfo::kind`]: a region made through the mshare API.
+pub const KIND_REGION: u32 = 0;
+/// [`MshareRegionInfo::kind`]: the data of a POSIX shared-memory segment (`shm_open`),
+/// which may be mapped `MAP_PRIVATE` and at any offset, as the kernel allows.
+pub const KIND_POSIX_SHM: u32 = 1;
+/// [`MshareRegionInfo::kind`]: the data of a System V shared-memory segment.
+pub const KIND_SYSV_SHM: u32 = 2;
 
 /// `MSHAREFS_CREATE_MAPPING = _IOW('x', 0, struct mshare_create)`.
 pub const MSHAREFS_CREATE_MAPPING: u32 = ioc(IOC_WRITE, 0, std::mem::size_of::<MshareCreate>());
@@ -119,6 +140,36 @@ pub const ATTACH_WRITE: u8 = b'w';
 /// attached, or a positive errno without one.
 pub const ATTACH_REPLY_LEN: usize = 4;
 
+/// Shared-memory requests of the `LD_PRELOAD` shim (see the daemon's `shm.rs`). Every
+/// request is one message: the request byte, its fixed-size native-endian payload, and
+/// the descriptor it names; the reply is as for attach (`i32` status, a descriptor on
+/// success where the request yields one).
+///
+/// `SHM_POSIX_SIZE` + `u64` length, with a `/dev/shm` descriptor open read-write: make
+/// the segment a hugetlb region of that length. Replies with the region file, open
+/// read-write.
+pub const SHM_POSIX_SIZE: u8 = b'P';
+/// `SHM_POSIX_OPEN`, with a `/dev/shm` descriptor: the region file of that segment,
+/// opened with the descriptor's access mode; `ENOENT` when the segment is not on msharefs.
+pub const SHM_POSIX_OPEN: u8 = b'O';
+/// `SHM_RECONCILE`, no payload or descriptor: end the regions of segments that are gone
+/// (a `shm_unlink`, a last `shmdt` after `IPC_RMID`) now rather than at the next periodic
+/// check. Replies 0.
+pub const SHM_RECONCILE: u8 = b'U';
+/// `SHM_SYSV_CREATED` + `i32` shmid + `u64` size, from the process that just created that
+/// kernel segment: make a hugetlb region hold its data.
+pub const SHM_SYSV_CREATED: u8 = b'G';
+/// `SHM_SYSV_ATTACH` + `i32` shmid + `u8` write, from a process that has the kernel
+/// segment attached (read-write for write): the backing of its region, read-only or
+/// read-write; `ENOENT` when the segment is not on msharefs.
+pub const SHM_SYSV_ATTACH: u8 = b'A';
+/// Extended attribute the daemon sets on the `/dev/shm` file of a POSIX segment whose data
+/// lives on msharefs (its value: the region's path in the mount). The shim asks the daemon
+/// for the region only when an opened segment carries it.
+pub const SHM_PAIRED_XATTR: &std::ffi::CStr = c"user.mshare.region";
+/// Longest shared-memory request message.
+pub const SHM_REQUEST_MAX: usize = 16;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -129,7 +180,7 @@ mod tests {
         assert_eq!(std::mem::size_of::<MshareUnmap>(), 16);
         assert_eq!(MSHAREFS_CREATE_MAPPING, 0x4028_7800);
         assert_eq!(MSHAREFS_UNMAP, 0x4010_7801);
-        assert_eq!(std::mem::size_of::<MshareRegionInfo>(), 144);
-        assert_eq!(MSHAREFS_GET_INFO, 0x8090_7810);
+        assert_eq!(std::mem::size_of::<MshareRegionInfo>(), 160);
+        assert_eq!(MSHAREFS_GET_INFO, 0x80a0_7810);
     }
 }

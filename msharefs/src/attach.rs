@@ -75,7 +75,7 @@ fn handle(core: &Core, stream: UnixStream) {
         log::debug!("attach socket timeout: {e}");
         return;
     }
-    let mut req = [0u8; 1];
+    let mut req = [0u8; uapi::SHM_REQUEST_MAX];
     let (n, fd) = match socket::recv_with_fd(&stream, &mut req) {
         Ok(x) => x,
         Err(e) => {
@@ -85,6 +85,16 @@ fn handle(core: &Core, stream: UnixStream) {
     };
     if n == 1 && req[0] == STAT_REQUEST {
         return stat_reply(core, stream);
+    }
+    if n >= 1 && is_shm_request(req[0]) {
+        let result = match socket::peer_cred(&stream) {
+            Ok(peer) => crate::shm::handle(core, &req[..n], fd, peer),
+            Err(e) => Err(errno_of(&e)),
+        };
+        if let Err(e) = result {
+            log::debug!("shared-memory request {:?}: errno {e}", char::from(req[0]));
+        }
+        return reply(&stream, result);
     }
     let result = if n != 1 {
         Err(EINVAL)
@@ -96,9 +106,25 @@ fn handle(core: &Core, stream: UnixStream) {
             _ => Err(EINVAL),
         }
     };
+    reply(&stream, result.map(Some));
+}
+
+fn is_shm_request(b: u8) -> bool {
+    matches!(
+        b,
+        uapi::SHM_POSIX_SIZE
+            | uapi::SHM_POSIX_OPEN
+            | uapi::SHM_RECONCILE
+            | uapi::SHM_SYSV_CREATED
+            | uapi::SHM_SYSV_ATTACH
+    )
+}
+
+/// Sends a status and, on success, the descriptor the request yields.
+fn reply(stream: &UnixStream, result: FsResult<Option<OwnedFd>>) {
     let sent = match result {
-        Ok(backing) => socket::send_with_fd(&stream, &0i32.to_ne_bytes(), Some(&backing)),
-        Err(e) => socket::send_with_fd(&stream, &e.to_ne_bytes(), None::<&OwnedFd>),
+        Ok(fd) => socket::send_with_fd(stream, &0i32.to_ne_bytes(), fd.as_ref()),
+        Err(e) => socket::send_with_fd(stream, &e.to_ne_bytes(), None::<&OwnedFd>),
     };
     if let Err(e) = sent {
         log::debug!("attach socket reply: {e}");

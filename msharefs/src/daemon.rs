@@ -231,7 +231,9 @@ fn run_daemon(mnt: &Path, opts: &MountOpts, notify: bool) -> std::io::Result<()>
         opts.user_quota,
     ));
     core.recover();
+    crate::shm::recover(&core);
     crate::attach::serve(core.clone(), &socket)?;
+    crate::shm::spawn_reconciler(core.clone());
     shrinker::spawn(
         core.clone(),
         crate::tablecache::Policy {
@@ -257,6 +259,8 @@ fn run_daemon(mnt: &Path, opts: &MountOpts, notify: bool) -> std::io::Result<()>
     // The session threads answer now, so stat of our own root cannot deadlock.
     let dev = kfd::stat(mnt)?.dev;
     let _ = core.fuse_dev.set(dev);
+    let _ = core.mountpoint.set(mnt.to_path_buf());
+    let _ = core.notifier.set(bg.notifier());
     crate::hardening::drop_capabilities();
     std::fs::write(state.pid_file(), format!("{}\n", std::process::id()))?;
     log::info!(

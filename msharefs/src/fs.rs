@@ -18,7 +18,8 @@ use mshare::{Backing, uapi};
 
 use crate::backing::Stores;
 use crate::hostmm::HostMm;
-use crate::state::{INFO_INO, Node, NodeKind, RegionMeta, Store, Tree};
+use crate::shm::PosixFiles;
+use crate::state::{INFO_INO, Node, NodeKind, RegionMeta, ShmOrigin, Store, Tree};
 
 /// An errno for a client.
 pub type Errno = i32;
@@ -57,7 +58,10 @@ fn region_meta(node: &Node) -> FsResult<&RegionMeta> {
 #[derive(Debug, Clone, Copy)]
 struct Extent {
     store: Store,
+    /// Bytes of backing (a page multiple).
     size: u64,
+    /// Bytes `fstat` reports; reads and writes stop here.
+    length: u64,
 }
 
 /// An open file handle.
@@ -152,6 +156,14 @@ pub struct Core {
     pub fuse_dev: OnceLock<u64>,
     /// Whether the kernel accepted FUSE passthrough.
     pub passthrough: OnceLock<bool>,
+    /// The mount point, known once mounted (the daemon opens shared-memory regions
+    /// through it for clients, see `shm.rs`).
+    pub mountpoint: OnceLock<PathBuf>,
+    /// The `/dev/shm` files of POSIX shared-memory regions (see `shm.rs`).
+    pub posix: PosixFiles,
+    /// Tells the kernel about names the daemon removes on its own (not in answer to a
+    /// request), so its cache does not keep them.
+    pub notifier: OnceLock<fuser::Notifier>,
     /// Most bytes of region memory one non-root owner may hold (`--user-quota`); `None`:
     /// no limit. Sized regions pin memory (huge pages or tmpfs), so without a limit any
     /// local user could take most of the machine.
@@ -181,6 +193,9 @@ impl Core {
             socket_path,
             fuse_dev: OnceLock::new(),
             passthrough: OnceLock::new(),
+            mountpoint: OnceLock::new(),
+            posix: PosixFiles::default(),
+            notifier: OnceLock::new(),
             user_quota,
         }
     }
@@ -275,12 +290,7 @@ impl Core {
     ) -> FsResult<Node> {
         let mut inner = self.lock();
         let store = inner.tree.default_store;
-        let kind = NodeKind::Region(RegionMeta {
-            store,
-            size: 0,
-            objects: Default::default(),
-            pool_pages: 0,
-        });
+        let kind = NodeKind::Region(RegionMeta::new(store));
         let ino = inner.tree.insert(parent, name, kind, mode, uid, gid)?;
         if let Err(e) = self.stores.create(store, ino, mode, uid, gid) {
             inner.tree.nodes.remove(&ino);
@@ -294,6 +304,7 @@ impl Core {
     fn destroy(&self, inner: &mut Inner, ino: u64) {
         if let Some(node) = inner.tree.nodes.remove(&ino) {
             if let Some(r) = node.region() {
+                self.posix.forget(ino);
                 self.hostmm.release(ino);
                 self.stores.remove(r.store, ino);
                 if let Err(e) = kernel_glue::hugepages::give_back(r.pool_pages) {
@@ -317,6 +328,8 @@ impl Core {
         let parent = node.parent;
         if node.region().is_some() && open {
             node.orphan = true;
+            // Its segment's name is free again: a new segment must not find this region.
+            self.posix.forget(ino);
         } else if node.is_dir() {
             inner.tree.nodes.remove(&ino);
         } else {
@@ -439,6 +452,10 @@ impl Core {
             self.stores
                 .set_owner_mode(s, ino, m, u, g)
                 .map_err(|e| errno_of(&e))?;
+            // A POSIX segment's /dev/shm file decides who may open it by name.
+            self.posix
+                .set_owner_mode(ino, m, u, g)
+                .map_err(|e| errno_of(&e))?;
         }
         self.persist(&inner)
     }
@@ -460,14 +477,32 @@ impl Core {
     /// `user_quota`: `EDQUOT`, with nothing reserved. The owner, not the caller, is
     /// charged: the memory stays theirs for as long as the region lives.
     pub fn set_size(&self, ino: u64, size: u64) -> FsResult<()> {
+        self.reserve_size(ino, size, size)
+    }
+
+    /// [`Core::set_size`] with a `length` that need not be a page multiple: the region
+    /// gets `length` rounded up to its page size and `fstat` reports `length` (POSIX and
+    /// System V segments keep the size their program asked for).
+    pub fn set_length(&self, ino: u64, length: u64) -> FsResult<()> {
+        let page = {
+            let inner = self.lock();
+            region_meta(inner.tree.get(ino).ok_or(ENOENT)?)?
+                .store
+                .page_size()
+        };
+        let size = length.checked_next_multiple_of(page).ok_or(EINVAL)?;
+        self.reserve_size(ino, size, length)
+    }
+
+    fn reserve_size(&self, ino: u64, size: u64, length: u64) -> FsResult<()> {
         let store = {
             let mut inner = self.lock();
             let node = inner.tree.get(ino).ok_or(ENOENT)?;
             let r = region_meta(node)?;
-            if size == 0 {
+            if size == 0 || length == 0 {
                 return Err(EINVAL);
             }
-            if r.size == size {
+            if r.size != 0 && r.length() == length {
                 return Ok(());
             }
             if r.size != 0 || inner.busy.contains_key(&ino) {
@@ -504,6 +539,7 @@ impl Core {
             return Err(ENOENT);
         };
         r.size = size;
+        r.length = if length == size { 0 } else { length };
         r.pool_pages = reserved.pool_pages;
         if store == Store::Hugetlb {
             // The memory is reserved; without host tables attaches still work, only slower.
@@ -646,6 +682,7 @@ impl Core {
         Ok(Extent {
             store: r.store,
             size: r.size,
+            length: r.length(),
         })
     }
 
@@ -658,10 +695,10 @@ impl Core {
             return Ok(text[start..end].to_vec());
         }
         let r = self.region_of(ino)?;
-        if offset >= r.size {
+        if offset >= r.length {
             return Ok(Vec::new());
         }
-        let n = (len as u64).min(r.size - offset) as usize;
+        let n = (len as u64).min(r.length - offset) as usize;
         let mut buf = vec![0u8; n];
         let fd = self
             .stores
@@ -676,10 +713,10 @@ impl Core {
     /// hugetlbfs has no `write(2)`, so hugetlb data is copied through the host mapping.
     pub fn write(&self, ino: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
         let r = self.region_of(ino)?;
-        if offset >= r.size {
+        if offset >= r.length {
             return Err(ENOSPC);
         }
-        let n = (data.len() as u64).min(r.size - offset) as usize;
+        let n = (data.len() as u64).min(r.length - offset) as usize;
         let data = &data[..n];
         match r.store {
             Store::Hugetlb => self
@@ -702,17 +739,27 @@ impl Core {
 
     // ---- ioctls ------------------------------------------------------------------------
 
-    /// `MSHAREFS_GET_INFO`.
+    /// `MSHAREFS_GET_INFO`. On `mshare_info` it reports only the attach socket, for the
+    /// shim, which finds the daemon of a mount that way.
     pub fn region_info(&self, ino: u64) -> FsResult<uapi::MshareRegionInfo> {
-        let r = self.region_of(ino).map_err(|_| ENOTTY)?;
         let mut info = uapi::MshareRegionInfo {
-            size: r.size,
-            page_size: r.store.page_size(),
             granule: uapi::MSHARE_GRANULE,
-            backing: r.store.backing().raw(),
-            version: 1,
+            version: 2,
             ..Default::default()
         };
+        if ino != INFO_INO {
+            let inner = self.lock();
+            let r = inner.tree.get(ino).and_then(Node::region).ok_or(ENOTTY)?;
+            info.size = r.size;
+            info.length = r.length();
+            info.page_size = r.store.page_size();
+            info.backing = r.store.backing().raw();
+            info.kind = match r.shm {
+                None => uapi::KIND_REGION,
+                Some(ShmOrigin::Posix { .. }) => uapi::KIND_POSIX_SHM,
+                Some(ShmOrigin::Sysv { .. }) => uapi::KIND_SYSV_SHM,
+            };
+        }
         let p = self.socket_path.as_os_str().as_encoded_bytes();
         if p.len() >= uapi::SOCKET_PATH_LEN {
             return Err(ENAMETOOLONG);
@@ -791,6 +838,91 @@ impl Core {
             r.objects = kept;
         }
         self.persist(&inner)
+    }
+
+    // ---- shared-memory segments (shm.rs) ----------------------------------------------
+
+    /// The root-owned directory `name` in the mount root (mode 0711: others may open
+    /// what is in it by name, as the kernel allows them, but not list or change it),
+    /// created if missing.
+    pub fn shm_dir(&self, name: &str) -> FsResult<u64> {
+        let mut inner = self.lock();
+        if let Some(n) = inner.tree.lookup(crate::state::ROOT_INO, name) {
+            return if n.is_dir() { Ok(n.ino) } else { Err(EEXIST) };
+        }
+        let ino = inner
+            .tree
+            .insert(crate::state::ROOT_INO, name, NodeKind::Dir, 0o711, 0, 0)?;
+        self.persist(&inner)?;
+        Ok(ino)
+    }
+
+    /// Creates the hugetlb region that holds a shared-memory segment's data (size unset;
+    /// [`Core::set_length`] reserves it).
+    pub fn create_shm_region(
+        &self,
+        parent: u64,
+        name: &str,
+        owner: (u32, u32, u32),
+        origin: ShmOrigin,
+    ) -> FsResult<u64> {
+        let (mode, uid, gid) = owner;
+        let mut inner = self.lock();
+        let mut meta = RegionMeta::new(Store::Hugetlb);
+        meta.shm = Some(origin);
+        let ino = inner
+            .tree
+            .insert(parent, name, NodeKind::Region(meta), mode, uid, gid)?;
+        if let Err(e) = self.stores.create(Store::Hugetlb, ino, mode, uid, gid) {
+            inner.tree.nodes.remove(&ino);
+            return Err(errno_of(&e));
+        }
+        self.persist(&inner)?;
+        Ok(ino)
+    }
+
+    /// Removes region `ino`'s name: it ends at once, or at its last release if open.
+    /// The daemon does this on its own, so it tells the kernel, whose cache would
+    /// otherwise keep finding the name.
+    pub fn remove_region(&self, ino: u64) -> FsResult<()> {
+        let (parent, name) = {
+            let mut inner = self.lock();
+            let node = inner
+                .tree
+                .get(ino)
+                .filter(|n| n.region().is_some() && !n.orphan);
+            let Some(node) = node else {
+                return Err(ENOENT);
+            };
+            let named = (node.parent, node.name.clone());
+            self.remove_entry(&mut inner, ino);
+            self.persist(&inner)?;
+            named
+        };
+        if let Some(n) = self.notifier.get() {
+            // Unlocked: the kernel may wait for requests that need our lock.
+            let _ = n.delete(
+                fuser::INodeNo(parent),
+                fuser::INodeNo(ino),
+                std::ffi::OsStr::new(&name),
+            );
+        }
+        Ok(())
+    }
+
+    /// Every named region that holds a shared-memory segment, with its origin.
+    pub fn shm_regions(&self) -> Vec<(u64, ShmOrigin)> {
+        self.lock()
+            .tree
+            .regions()
+            .filter(|(n, _)| !n.orphan)
+            .filter_map(|(n, r)| r.shm.clone().map(|o| (n.ino, o)))
+            .collect()
+    }
+
+    /// The path of node `ino` below the mount root (`/a/b`).
+    pub fn path_of(&self, ino: u64) -> String {
+        self.lock().tree.path_of(ino)
     }
 
     // ---- attach socket -----------------------------------------------------------------

@@ -63,7 +63,7 @@ fn attr(n: &Node) -> FileAttr {
         ),
         NodeKind::Region(r) => (
             FileType::RegularFile,
-            r.size,
+            r.length(),
             1,
             r.store.page_size().min(u32::MAX as u64) as u32,
         ),

@@ -12,13 +12,11 @@ use std::time::Duration;
 use kernel_glue::caps::{self, CapSet};
 
 /// The capabilities the running daemon keeps, with the reason for each. Not kept, because
-/// nothing needs them once the mounts exist: all others, among them `CAP_SYS_PTRACE`
-/// (reading other users' `/proc/PID/maps` for attach accounting is allowed by
-/// `CAP_SYS_ADMIN`, as measured on Linux 6.18), `CAP_DAC_READ_SEARCH` (covered by
+/// nothing needs them once the mounts exist: all others, among them `CAP_DAC_READ_SEARCH` (covered by
 /// `CAP_DAC_OVERRIDE`, and it would allow `open_by_handle_at(2)`), `CAP_SETPCAP` (dropped
 /// last), `CAP_KILL`, `CAP_SETUID`, `CAP_NET_*`, `CAP_SYS_MODULE`, `CAP_IPC_LOCK`. Writing
 /// `/proc/sys/vm/nr_hugepages` needs no capability (uid 0 owns it).
-pub const KEPT: [(u32, &str); 4] = [
+pub const KEPT: [(u32, &str); 5] = [
     (
         caps::CAP_SYS_ADMIN,
         "FUSE_DEV_IOC_BACKING_OPEN/CLOSE (passthrough of thp and shmem regions, on every \
@@ -36,6 +34,13 @@ pub const KEPT: [(u32, &str); 4] = [
     (
         caps::CAP_CHOWN,
         "chown of backing files to the region's owner (new regions, mirroring chown)",
+    ),
+    (
+        caps::CAP_SYS_PTRACE,
+        "reading /proc/PID/maps of attachers that hold capabilities the daemon dropped \
+         (any root process): the proof of a System V attachment, and attach accounting \
+         (CAP_SYS_ADMIN suffices only for processes whose capabilities are a subset of \
+         the daemon's)",
     ),
 ];
 

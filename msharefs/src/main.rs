@@ -22,6 +22,7 @@ mod fuse;
 mod hardening;
 mod hostmm;
 mod paths;
+mod shm;
 mod shrinker;
 mod state;
 mod stats;

@@ -78,6 +78,63 @@ pub struct RegionMeta {
     /// Huge pages the daemon added to the pool for this region (given back when the
     /// region ends).
     pub pool_pages: u64,
+    /// The size its creator asked for, which `fstat` reports, when that is not a multiple
+    /// of the page size (POSIX shared memory sized with `ftruncate(fd, 3145851)` holds a
+    /// region of 4 MiB); 0: the same as `size`.
+    #[serde(default)]
+    pub length: u64,
+    /// The System V or POSIX shared-memory segment whose data this region holds.
+    #[serde(default)]
+    pub shm: Option<ShmOrigin>,
+}
+
+impl RegionMeta {
+    /// A new region on `store`, size unset.
+    pub fn new(store: Store) -> RegionMeta {
+        RegionMeta {
+            store,
+            size: 0,
+            objects: BTreeMap::new(),
+            pool_pages: 0,
+            length: 0,
+            shm: None,
+        }
+    }
+
+    /// The size `fstat` reports and reads and writes stop at.
+    pub fn length(&self) -> u64 {
+        if self.length == 0 {
+            self.size
+        } else {
+            self.length
+        }
+    }
+}
+
+/// The kernel shared-memory segment a region holds the data of (see `shm.rs`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ShmOrigin {
+    /// A POSIX segment: the `/dev/shm` file that names it, identified by device, inode and
+    /// birth time (so a new file that reuses the inode number is not mistaken for it).
+    Posix {
+        /// Path of the file (`/dev/shm/NAME`).
+        path: String,
+        /// Its device.
+        dev: u64,
+        /// Its inode.
+        ino: u64,
+        /// Its birth time, nanoseconds since the epoch.
+        btime_ns: i128,
+    },
+    /// A System V segment: its id and its creator's pid (an id reused after the segment is
+    /// gone has another creator).
+    Sysv {
+        /// The shmid.
+        id: i32,
+        /// `shm_cpid`.
+        cpid: u32,
+    },
 }
 
 /// What a node is.
@@ -377,12 +434,7 @@ mod tests {
     use super::*;
 
     fn region() -> NodeKind {
-        NodeKind::Region(RegionMeta {
-            store: Store::Hugetlb,
-            size: 0,
-            objects: BTreeMap::new(),
-            pool_pages: 0,
-        })
+        NodeKind::Region(RegionMeta::new(Store::Hugetlb))
     }
 
     #[test]

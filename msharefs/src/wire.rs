@@ -53,6 +53,9 @@ pub fn info_bytes(i: &MshareRegionInfo) -> Vec<u8> {
     v.extend_from_slice(&i.granule.to_ne_bytes());
     v.extend_from_slice(&i.backing.to_ne_bytes());
     v.extend_from_slice(&i.version.to_ne_bytes());
+    v.extend_from_slice(&i.length.to_ne_bytes());
+    v.extend_from_slice(&i.kind.to_ne_bytes());
+    v.extend_from_slice(&i.reserved.to_ne_bytes());
     v.extend_from_slice(&i.socket_path);
     v
 }
@@ -72,6 +75,6 @@ mod tests {
         let c = parse_create(&b).unwrap();
         assert_eq!(c.region_offset, 1);
         assert_eq!(c.flags, 3);
-        assert_eq!(info_bytes(&MshareRegionInfo::default()).len(), 144);
+        assert_eq!(info_bytes(&MshareRegionInfo::default()).len(), 160);
     }
 }

@@ -1,39 +1,29 @@
 //! `libmshare_preload.so`: an `LD_PRELOAD` shim that gives unmodified programs what
-//! `mshare_attach` gives.
+//! `mshare_attach` gives: memory on msharefs hugetlb regions, mapped at 1 GiB-aligned
+//! addresses, so page tables are shared between processes.
 //!
-//! It defines `mmap`, `mmap64` and `munmap`.
+//! - **Region files** (module [`region`]): `mmap` of a region file on an msharefs mount.
+//! - **Anonymous shared memory** (module [`anon`]): with `MSHARE_MOUNT` and
+//!   `MSHARE_ANON_MIN`, large `MAP_SHARED|MAP_ANONYMOUS` mappings (PostgreSQL's main
+//!   segment) are placed on new hugetlb regions.
+//! - **POSIX shared memory** (module [`posix`]) and **System V shared memory** (module
+//!   [`sysv`]): with `MSHARE_MOUNT` and `MSHARE_SHM_MIN`, segments of at least that size
+//!   keep their data on hugetlb regions, while names, keys, ids, permissions and attach
+//!   counts stay the kernel's.
 //!
-//! **Region files.** A call of the form
-//! `mmap(NULL, size, PROT_READ[|PROT_WRITE], MAP_SHARED, fd, 0)`, where `fd` is a region
-//! file on an msharefs mount and `size` is the region's size, is answered with a mapping of
-//! the region at a granule-aligned (1 GiB) address; for hugetlb regions, a mapping of the
-//! backing the daemon hands out, so page tables are shared with every other attacher. The
-//! mapping is exactly `[addr, addr + size)`, so the program's `munmap` needs no help.
-//! Candidates cost one `fstatfs`; FUSE files one more `ioctl`. `MAP_POPULATE` and
-//! `MAP_NORESERVE` are honoured; calls with any other flag, a `PROT_EXEC`/`PROT_NONE`
-//! protection or a partial length reach the kernel unchanged (for a hugetlb region that is
-//! `ENODEV`, as without the shim).
+//! Settings are in [`env`]. The shim defines `mmap`, `mmap64`, `munmap`, `shm_open`,
+//! `shm_unlink`, `ftruncate(64)`, `fallocate(64)`, `posix_fallocate(64)`, `shmget`,
+//! `shmat` and `shmdt`, and exports nothing else.
 //!
-//! **Anonymous shared memory** (module [`anon`]). With `MSHARE_MOUNT=DIR` and
-//! `MSHARE_ANON_MIN=BYTES` in the environment, `mmap(NULL, len, PROT_READ|PROT_WRITE,
-//! MAP_SHARED|MAP_ANONYMOUS, -1, 0)` with `len >= MSHARE_ANON_MIN` (also with
-//! `MAP_NORESERVE`, `MAP_POPULATE` or `MAP_HUGETLB` for 2 MiB pages) is placed on a new
-//! hugetlb region in `DIR`, `len` rounded up to 2 MiB, 1 GiB-aligned, unlinked at once (or
-//! kept as `MSHARE_ANON_NAME`). Children after `fork` inherit the shared mapping and with
-//! it the memory and the shared page tables. When the region cannot be had the call goes to
-//! the kernel unchanged and one line on standard error says why, so the program still
-//! starts. `munmap(addr, len)` of such a mapping removes all of it (hugetlb mappings end
-//! on a 2 MiB boundary; the shim rounds the length up).
+//! Every call the shim does not take goes straight to the system call (or the C library's
+//! function), without allocating or locking (the fast path: a few flag tests and relaxed
+//! atomic loads, plus one `fstatfs` for `mmap` of a file). The shim's own system calls never
+//! go through the symbols it defines. Its state is a few atomics and lock-free tables, so it
+//! is safe in threaded programs and after `fork`.
 //!
-//! Every other call goes straight to the system call, without allocating, locking or
-//! looking at the descriptor (the fast path: a few flag tests and one relaxed atomic load).
-//! The shim's only state is a few atomics (settings read once from the environment, a
-//! table of placed mappings), so it is safe in threaded programs and after `fork`.
-//!
-//! Failures of a region attach return `MAP_FAILED` with `errno` set as `mmap` would
-//! (`EACCES` for `PROT_WRITE` on a descriptor opened read-only, `ENOMEM`, the daemon's
-//! errno); a panic inside the shim (a bug) is caught and reported as `EIO` (for a region
-//! file) or turned into the fallback (for anonymous memory).
+//! Failures return what the replaced call returns on failure, with `errno` set as the
+//! kernel would set it; a panic inside the shim (a bug) is caught and reported as `EIO` or
+//! turned into the kernel's answer, and never unwinds into the program.
 
 use std::ffi::c_void;
 use std::os::fd::BorrowedFd;
@@ -41,25 +31,15 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use kernel_glue::consts::{MAP_FIXED, MAP_SHARED};
 use kernel_glue::errnos::EIO;
-use kernel_glue::mapping::Protection;
 use kernel_glue::shim_sys::{self, MAP_FAILED};
-use mshare::interpose;
 
 pub mod anon;
-
-/// Flags a candidate may carry besides its map type.
-const HONOURED_FLAGS: i32 = shim_sys::MAP_POPULATE | shim_sys::MAP_NORESERVE;
-
-/// Whether a call might be a region attach; everything else takes the fast path.
-fn candidate(addr: *mut c_void, flags: i32, fd: i32, offset: i64) -> bool {
-    let map_type = flags & shim_sys::MAP_TYPE;
-    addr.is_null()
-        && fd >= 0
-        && offset == 0
-        && (map_type == MAP_SHARED || map_type == shim_sys::MAP_SHARED_VALIDATE)
-        && flags & (MAP_FIXED | shim_sys::MAP_FIXED_NOREPLACE) == 0
-        && flags & !(shim_sys::MAP_TYPE | HONOURED_FLAGS) == 0
-}
+pub mod env;
+pub mod log;
+pub mod placed;
+pub mod posix;
+pub mod region;
+pub mod sysv;
 
 /// Flags an anonymous candidate may carry besides `MAP_SHARED|MAP_ANONYMOUS`.
 const ANON_HONOURED_FLAGS: i32 = shim_sys::MAP_POPULATE
@@ -84,32 +64,13 @@ fn anon_candidate(addr: *mut c_void, prot: i32, flags: i32) -> bool {
 
 /// The anonymous slow path: the placed mapping's address, or `None` for the kernel.
 fn place_anon(len: usize, flags: i32) -> Option<usize> {
-    let min = anon::anon_min()?;
+    let min = env::anon_min()?;
     if len < min {
         return None;
     }
     let populate = flags & shim_sys::MAP_POPULATE != 0;
     // A panic here is a bug; the program still gets its memory from the kernel.
     catch_unwind(|| anon::place(len, populate)).unwrap_or(None)
-}
-
-/// The slow path: `Ok(None)` when the call is not for us, else the attach's outcome.
-fn attach(len: usize, prot: i32, flags: i32, fd: BorrowedFd<'_>) -> Result<Option<usize>, i32> {
-    let Some(info) = interpose::region_info(fd) else {
-        return Ok(None);
-    };
-    if info.size != len as u64 {
-        return Ok(None);
-    }
-    let Ok(prot) = Protection::from_bits(prot) else {
-        return Ok(None);
-    };
-    let mapping = interpose::attach_fd(fd, &info, prot).map_err(|e| kernel_glue::errno_of(&e))?;
-    if flags & shim_sys::MAP_POPULATE != 0 {
-        // mmap(2) ignores MAP_POPULATE failures too: the pages fault in later instead.
-        let _ = mapping.populate(0, info.size);
-    }
-    Ok(Some(mapping.into_raw().0))
 }
 
 /// The shared body of `mmap` and `mmap64`.
@@ -130,12 +91,15 @@ unsafe fn shim_mmap(
                 return placed as *mut c_void;
             }
         }
-    } else if candidate(addr, flags, fd, offset) {
+    } else if region::candidate(flags, fd) {
         // SAFETY: `fd >= 0`. The borrow lives only for this call; the shim never closes
         // it, and a descriptor another thread closes concurrently only makes the syscalls
         // below fail (EBADF), exactly as it would make mmap(2) fail.
         let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
-        match catch_unwind(AssertUnwindSafe(|| attach(len, prot, flags, borrowed))) {
+        let mapped = catch_unwind(AssertUnwindSafe(|| {
+            region::map(addr as usize, len, prot, flags, borrowed, offset)
+        }));
+        match mapped {
             Ok(Ok(Some(mapped))) => return mapped as *mut c_void,
             Ok(Ok(None)) => {}
             Ok(Err(errno)) => {
@@ -151,19 +115,14 @@ unsafe fn shim_mmap(
     // SAFETY: the caller's arguments, passed to the kernel unchanged, under the caller's
     // mmap(2) contract.
     let mapped = unsafe { shim_sys::raw_mmap(addr, len, prot, flags, fd, offset) };
-    if flags & (MAP_FIXED | shim_sys::MAP_FIXED_NOREPLACE) != 0
-        && mapped != MAP_FAILED
-        && anon::any_placed()
-    {
-        // A fixed mapping replaced (part of) a placed one: the table must not round a later
-        // munmap that ends inside the new mapping.
-        anon::forget(mapped as usize, len);
+    if flags & (MAP_FIXED | shim_sys::MAP_FIXED_NOREPLACE) != 0 && mapped != MAP_FAILED {
+        gone(mapped as usize, len);
     }
     mapped
 }
 
-/// `munmap(2)`, interposed: a range that ends inside a mapping the shim placed for
-/// anonymous shared memory is extended to the next 2 MiB boundary (the mapping's huge
+/// `munmap(2)`, interposed: a range that ends inside a mapping the shim placed with an
+/// unrounded length is extended to the next 2 MiB boundary (the mapping's huge
 /// page), so `munmap(addr, len)` with the caller's `len` removes it, as it would remove
 /// the anonymous mapping. Everything else goes to the kernel unchanged.
 ///
@@ -171,18 +130,30 @@ unsafe fn shim_mmap(
 /// The contract of `munmap(2)`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn munmap(addr: *mut c_void, len: usize) -> i32 {
-    if !anon::any_placed() {
+    if !placed::any() && !sysv::any() {
         // SAFETY: the caller's arguments, under the caller's munmap(2) contract.
         return unsafe { shim_sys::raw_munmap(addr, len) };
     }
-    let len = anon::munmap_len(addr as usize, len);
+    let len = placed::munmap_len(addr as usize, len);
     // SAFETY: the caller's range, extended only over the rest of the huge page of a
     // mapping the shim placed and handed to the caller, who is unmapping its end.
     let r = unsafe { shim_sys::raw_munmap(addr, len) };
     if r == 0 {
-        anon::forget(addr as usize, len);
+        gone(addr as usize, len);
     }
     r
+}
+
+/// `[addr, addr + len)` was unmapped or replaced: the tables must forget what was there
+/// (a later `munmap` ending inside must not be rounded; System V attachments wholly inside
+/// are detached).
+fn gone(addr: usize, len: usize) {
+    if placed::any() {
+        placed::forget(addr, len);
+    }
+    if sysv::any() {
+        sysv::unmapped(addr, len);
+    }
 }
 
 /// `mmap(2)`, interposed: see the crate documentation.
@@ -224,25 +195,6 @@ pub unsafe extern "C" fn mmap64(
 mod tests {
     use super::*;
     use kernel_glue::consts::{MAP_ANONYMOUS, MAP_PRIVATE};
-
-    #[test]
-    fn only_plain_shared_file_mappings_are_candidates() {
-        let null = std::ptr::null_mut();
-        assert!(candidate(null, MAP_SHARED, 3, 0));
-        assert!(candidate(null, MAP_SHARED | shim_sys::MAP_POPULATE, 3, 0));
-        assert!(candidate(null, shim_sys::MAP_SHARED_VALIDATE, 3, 0));
-        assert!(!candidate(null, MAP_PRIVATE, 3, 0));
-        assert!(!candidate(null, MAP_SHARED | MAP_ANONYMOUS, -1, 0));
-        assert!(!candidate(null, MAP_SHARED | MAP_FIXED, 3, 0));
-        assert!(!candidate(null, MAP_SHARED, 3, 4096));
-        assert!(!candidate(4096 as *mut c_void, MAP_SHARED, 3, 0));
-        assert!(!candidate(
-            null,
-            MAP_SHARED | kernel_glue::consts::MAP_HUGETLB,
-            3,
-            0
-        ));
-    }
 
     #[test]
     fn only_plain_shared_anonymous_read_write_memory_is_an_anon_candidate() {
