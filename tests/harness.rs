@@ -33,6 +33,7 @@ pub use pool::{PoolGuard, PoolLock, PoolState, SETTLE};
 pub use privilege::{in_ci, require_privileged};
 pub use probe::{Attach, AttachReport, Create, CreateReport, Probe, ProbeError, ProbeFailure};
 pub use scratch::{HugetlbfsDir, TempDir, TmpfsDir};
+pub use shmguard::ShmLeftovers;
 
 /// Writes one line to the process's standard error, bypassing libtest's output capture
 /// (which only intercepts `print!`/`eprint!`), so it shows up in every test log.
@@ -1209,6 +1210,84 @@ pub mod seeded {
         /// `n` random bytes.
         pub fn bytes(&mut self, n: usize) -> Vec<u8> {
             (0..n).map(|_| self.next() as u8).collect()
+        }
+    }
+}
+
+/// Shared memory a test's programs make outside msharefs: `/dev/shm` files and System V
+/// segments.
+pub mod shmguard {
+    use std::collections::BTreeSet;
+    use std::path::Path;
+
+    /// `/dev/shm` entries and System V segment ids present now.
+    fn state() -> (BTreeSet<String>, BTreeSet<i32>) {
+        let files = std::fs::read_dir("/dev/shm")
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let ids = kernel_glue::ipc::segments()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|s| s.id)
+            .collect();
+        (files, ids)
+    }
+
+    /// Removes, on drop, the `/dev/shm` files and System V segments that appeared since it
+    /// was made (also when the test fails, and what a crashed server left);
+    /// [`ShmLeftovers::check`] asserts there are none.
+    #[derive(Debug)]
+    pub struct ShmLeftovers {
+        before: (BTreeSet<String>, BTreeSet<i32>),
+    }
+
+    impl Default for ShmLeftovers {
+        fn default() -> Self {
+            Self::new()
+        }
+    }
+
+    impl ShmLeftovers {
+        /// Records what exists now.
+        pub fn new() -> ShmLeftovers {
+            ShmLeftovers { before: state() }
+        }
+
+        /// `/dev/shm` files and segment ids that appeared since.
+        pub fn new_since(&self) -> (Vec<String>, Vec<i32>) {
+            let (files, ids) = state();
+            (
+                files.difference(&self.before.0).cloned().collect(),
+                ids.difference(&self.before.1).copied().collect(),
+            )
+        }
+
+        /// Asserts that no `/dev/shm` file or segment appeared.
+        ///
+        /// # Panics
+        /// When one did.
+        pub fn check(&self, what: &str) {
+            let (files, ids) = self.new_since();
+            assert!(
+                files.is_empty() && ids.is_empty(),
+                "{what} left /dev/shm files {files:?} and System V segments {ids:?}"
+            );
+        }
+    }
+
+    impl Drop for ShmLeftovers {
+        fn drop(&mut self) {
+            let (files, ids) = self.new_since();
+            for f in files {
+                let _ = std::fs::remove_file(Path::new("/dev/shm").join(f));
+            }
+            for id in ids {
+                let _ = kernel_glue::ipc::shm_remove(id);
+            }
         }
     }
 }

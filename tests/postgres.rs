@@ -486,9 +486,27 @@ impl<'p> Cluster<'p> {
 
     /// `pg_ctl start` with `env` (huge_pages=off: PostgreSQL's plain anonymous mapping).
     fn start(&mut self, env: &[String]) {
+        self.start_with(env, "");
+    }
+
+    /// `pg_ctl start` with `env` and server options `opts` (`-c name=value ...`), besides
+    /// huge_pages=off.
+    fn start_with(&mut self, env: &[String], opts: &str) {
+        let out = self.try_start(env, opts);
+        assert!(
+            out.status.success(),
+            "pg_ctl start: {}\nserver log:\n{}",
+            text(&out),
+            self.server_log()
+        );
+    }
+
+    /// `pg_ctl start`, whatever comes of it.
+    fn try_start(&mut self, env: &[String], opts: &str) -> Output {
         let data = self.data();
         let log = self.log();
         self.running = true;
+        let opts = format!("-c huge_pages=off {opts}");
         let out = self.pg.run_as(
             env,
             "pg_ctl",
@@ -501,16 +519,14 @@ impl<'p> Cluster<'p> {
                 OsStr::new("-t"),
                 OsStr::new("120"),
                 OsStr::new("-o"),
-                OsStr::new("-c huge_pages=off"),
+                OsStr::new(&opts),
                 OsStr::new("start"),
             ],
         );
-        assert!(
-            out.status.success(),
-            "pg_ctl start: {}\nserver log:\n{}",
-            text(&out),
-            self.server_log()
-        );
+        if !out.status.success() {
+            self.running = false;
+        }
+        out
     }
 
     fn stop(&mut self, mode: &str) {
@@ -654,12 +670,13 @@ fn check_shared_memory(
     assert!(procs.len() >= 4, "too few server processes: {procs:?}");
     let pm = c.postmaster();
     let maps = backing_mappings(pm, m).expect("the postmaster is running");
-    assert_eq!(
-        maps.len(),
-        1,
-        "postmaster {pm}: expected one region mapping, got {maps:?}"
-    );
-    let r = maps[0].clone();
+    // The main segment is the largest (processes may also map dynamic shared memory
+    // segments placed on msharefs).
+    let r = maps
+        .iter()
+        .max_by_key(|v| v.end - v.start)
+        .unwrap_or_else(|| panic!("postmaster {pm}: no region mapping"))
+        .clone();
     let len = (r.end - r.start) as u64;
     assert_eq!(r.start as u64 % GIB, 0, "not 1 GiB-aligned: {r:?}");
     assert_eq!(r.perms, "rw-s", "{r:?}");
@@ -672,7 +689,8 @@ fn check_shared_memory(
     let mut checked = 0;
     for (pid, cmd) in &procs {
         // A backend may exit between the listing and here.
-        if let Some(theirs) = backing_mappings(*pid, m) {
+        if let Some(mut theirs) = backing_mappings(*pid, m) {
+            theirs.retain(|v| v.ino == r.ino);
             assert_eq!(
                 theirs,
                 vec![r.clone()],
@@ -843,4 +861,284 @@ fn postgres_runs_on_msharefs_under_the_shim() {
     std::fs::remove_file(dir.join("shmem")).unwrap();
     assert!(regions(&m).is_empty(), "{}", m.stat());
     assert_eq!(m.stat()["totals"]["pool_pages_added"], 0, "{}", m.stat());
+}
+
+// ---- System V main segment and POSIX dynamic shared memory -----------------------------
+
+/// The shared-memory key and id PostgreSQL wrote to line 7 of `postmaster.pid`.
+fn shmem_key_and_id(c: &Cluster<'_>) -> (u64, i32) {
+    let pid = std::fs::read_to_string(c.data().join("postmaster.pid")).expect("postmaster.pid");
+    let line = pid.lines().nth(6).expect("line 7 of postmaster.pid");
+    let mut f = line.split_whitespace();
+    let key = f.next().and_then(|k| k.parse().ok()).expect("key");
+    let id = f.next().and_then(|k| k.parse().ok()).expect("shmid");
+    (key, id)
+}
+
+fn segment(id: i32) -> Option<kernel_glue::ipc::Segment> {
+    kernel_glue::ipc::segments()
+        .expect("/proc/sysvipc/shm")
+        .into_iter()
+        .find(|s| s.id == id)
+}
+
+/// Regions of POSIX segments PostgreSQL made (`/.posix-shm/PostgreSQL.N`).
+fn dsm_regions(m: &Msharefs) -> usize {
+    regions(m)
+        .iter()
+        .filter(|r| {
+            r["path"]
+                .as_str()
+                .is_some_and(|p| p.starts_with("/.posix-shm/PostgreSQL."))
+        })
+        .count()
+}
+
+const PARALLEL_SETUP: &str = "CREATE TABLE a AS SELECT g AS k, g % 1000 AS x \
+     FROM generate_series(1, 3000000) g; \
+     CREATE TABLE b AS SELECT g AS k, g % 7 AS y FROM generate_series(1, 3000000) g; \
+     ANALYZE a; ANALYZE b;";
+
+/// A parallel hash join whose shared hash table grows through dynamic shared memory
+/// segments of 1, 1, 2, 2, 4, 4, ... MiB (`dsa.c`).
+const PARALLEL_JOIN: &str = "SET max_parallel_workers_per_gather = 2; \
+     SET parallel_setup_cost = 0; SET parallel_tuple_cost = 0; \
+     SET parallel_leader_participation = off; SET enable_parallel_hash = on; \
+     SET work_mem = '256MB'; \
+     SELECT count(*), sum(a.x::bigint * b.y) FROM a JOIN b USING (k);";
+
+/// Runs the parallel join while watching the mount; returns its result and the most
+/// POSIX regions seen at once.
+fn parallel_join(c: &Cluster<'_>, m: &Msharefs) -> (String, usize) {
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let most = std::sync::atomic::AtomicUsize::new(0);
+    let result = std::thread::scope(|s| {
+        s.spawn(|| {
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                most.fetch_max(dsm_regions(m), std::sync::atomic::Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        let r = c.psql(PARALLEL_JOIN);
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        r
+    });
+    (result, most.into_inner())
+}
+
+/// Waits until `pid` is gone.
+fn wait_gone(pid: u32, what: &str) {
+    let deadline = Instant::now() + LIMIT;
+    while kernel_glue::process::alive(pid) {
+        assert!(Instant::now() < deadline, "{what} {pid} does not go");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn postgres_sysv_and_posix_dsm_on_msharefs_under_the_shim() {
+    const NAME: &str = "postgres_sysv_and_posix_dsm_on_msharefs_under_the_shim";
+    if !require_privileged(NAME) {
+        return;
+    }
+    let Some(pg) = Postgres::find(NAME) else {
+        return;
+    };
+    let pool = PoolGuard::new();
+    // Dropped after the cluster: removes what a crashed server leaves, also on failure.
+    let leftovers = msharefs_tests::ShmLeftovers::new();
+    let m = Msharefs::mount("pgsysv", &["--backing", "hugetlb"]);
+    let dir = m.path("pg");
+    std::fs::create_dir(&dir).unwrap();
+    std::os::unix::fs::chown(&dir, Some(pg.uid), Some(pg.gid)).unwrap();
+    let mut c = Cluster::init(&pg, "pg-sysv");
+    let env = vec![
+        format!("LD_PRELOAD={}", c.shim.display()),
+        format!("MSHARE_MOUNT={}", dir.display()),
+        // Low, so that the parallel hash join's 1 MiB segments are placed too.
+        "MSHARE_SHM_MIN=1M".to_string(),
+    ];
+    const OPTS: &str = "-c shared_memory_type=sysv -c dynamic_shared_memory_type=posix \
+                        -c max_connections=40";
+    c.start_with(&env, OPTS);
+
+    // The main segment: a kernel System V segment whose data is on msharefs.
+    let shmem_mb: u64 = c
+        .psql("SHOW shared_memory_size")
+        .trim_end_matches("MB")
+        .parse()
+        .expect("shared_memory_size in MB");
+    let r = check_shared_memory(&c, &m, false, shmem_mb);
+    let (key, id) = shmem_key_and_id(&c);
+    let seg = segment(id).expect("the segment in /proc/sysvipc/shm");
+    assert_eq!(seg.key as u64, key, "{seg:?}");
+    let procs = c.processes().len() as u64;
+    assert_eq!(seg.nattch, procs, "every server process counts: {seg:?}");
+    let listed = Command::new("ipcs").args(["-m"]).output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&listed.stdout)
+            .lines()
+            .any(|l| l.split_whitespace().nth(1) == Some(&id.to_string())),
+        "ipcs -m does not list {id}:\n{}",
+        text(&listed)
+    );
+    assert!(
+        regions(&m)
+            .iter()
+            .any(|x| x["path"] == format!("/.sysv-shm/{id}")),
+        "{}",
+        m.stat()
+    );
+    loud(&format!(
+        "postgres sysv: segment {id} (key {key}, {} bytes, nattch {}) on {:#x}-{:#x} {}",
+        seg.size, seg.nattch, r.start, r.end, r.path
+    ));
+    let sock = c.sock();
+    let mut init: Vec<&OsStr> = c.client_args(&sock);
+    init.extend(["-i", "-q", "-s", "5", "postgres"].map(OsStr::new));
+    let out = Command::new(pg.prog("pgbench"))
+        .args(&init)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "pgbench -i: {}", text(&out));
+    let out = pgbench(
+        &c,
+        &["-n", "-S", "-c", "16", "-j", "2", "-T", "5"],
+        16,
+        || {
+            check_shared_memory(&c, &m, false, shmem_mb);
+            let seg = segment(id).expect("segment");
+            assert!(seg.nattch >= procs + 16, "16 clients attached: {seg:?}");
+        },
+    );
+    loud(&format!(
+        "pgbench (select-only, 16 clients, sysv on msharefs):\n{out}"
+    ));
+
+    // Dynamic shared memory of a parallel hash join: POSIX segments on msharefs.
+    c.psql(PARALLEL_SETUP);
+    let plan =
+        c.psql(&PARALLEL_JOIN.replace("SELECT count", "EXPLAIN (ANALYZE, COSTS OFF) SELECT count"));
+    assert!(
+        plan.contains("Parallel Hash") && plan.contains("Workers Launched: 2"),
+        "not a parallel hash join:\n{plan}"
+    );
+    let (ours, seen) = parallel_join(&c, &m);
+    assert!(
+        seen >= 1,
+        "no dynamic shared memory segment on msharefs during the join"
+    );
+    let log = m.log();
+    let placed = log.matches("POSIX segment PostgreSQL.").count();
+    assert!(placed >= 2, "{placed} POSIX segments placed:\n{log}");
+    assert!(
+        !c.server_log().contains("libmshare_preload"),
+        "the shim fell back:\n{}",
+        c.server_log()
+    );
+    loud(&format!(
+        "postgres parallel hash join under the shim: {ours}; up to {seen} dynamic segments \
+         on msharefs at once, {placed} placed in all"
+    ));
+
+    // kill -9 of the postmaster while a backend lives: a new start must be refused while
+    // that backend holds the segment (shm_nattch), and succeed once it is gone.
+    let mut busy_args: Vec<&OsStr> = c.client_args(&sock);
+    busy_args.extend(
+        [
+            "-X",
+            "-c",
+            "SELECT count(*) FROM generate_series(1, 10000000000)",
+            "postgres",
+        ]
+        .map(OsStr::new),
+    );
+    let mut busy = Helper::spawn("busy psql", &pg.prog("psql"), &busy_args).unwrap();
+    busy.close_stdin();
+    let deadline = Instant::now() + LIMIT;
+    let backend = loop {
+        let b = c
+            .processes()
+            .into_iter()
+            .find(|(_, cmd)| cmd.contains("[local] SELECT"));
+        if let Some((pid, _)) = b {
+            break pid;
+        }
+        assert!(Instant::now() < deadline, "the busy backend does not show");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let pm = c.postmaster();
+    kernel_glue::process::kill(pm, kernel_glue::consts::SIGKILL).unwrap();
+    wait_gone(pm, "postmaster");
+    // As PostgreSQL's own test of this (src/test/recovery/t/017_shm.pl) does: without the
+    // lock file, the new postmaster meets the old segment through its key.
+    std::fs::remove_file(c.data().join("postmaster.pid")).unwrap();
+    // Likewise the socket's lock file: it names the dead postmaster, which this sandbox's
+    // init may not have reaped yet (a zombie passes PostgreSQL's liveness check).
+    let _ = std::fs::remove_file(c.sock().join(".s.PGSQL.5432.lock"));
+    // The other server processes notice the postmaster's death and exit; the busy
+    // backend, in a CPU loop, does not.
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        let n = segment(id).map_or(0, |s| s.nattch);
+        if n == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "nattch stays {n}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(kernel_glue::process::alive(backend));
+    let refused = c.try_start(&env, OPTS);
+    assert!(
+        !refused.status.success(),
+        "started beside a live backend: {}",
+        text(&refused)
+    );
+    let log = c.server_log();
+    assert!(
+        log.contains("pre-existing shared memory block") && log.contains("is still in use"),
+        "not refused for the shared memory:\n{log}"
+    );
+    kernel_glue::process::kill(backend, kernel_glue::consts::SIGKILL).unwrap();
+    wait_gone(backend, "busy backend");
+    drop(busy);
+    c.start_with(&env, OPTS);
+    let (_, new_id) = shmem_key_and_id(&c);
+    assert_ne!(new_id, id, "the old segment is not reused");
+    check_shared_memory(&c, &m, false, shmem_mb);
+    let again = c.psql(PARALLEL_JOIN);
+    assert_eq!(again, ours);
+    loud(&format!(
+        "postgres: after kill -9 of the postmaster a start was refused while backend {backend} \
+         held segment {id}, and succeeded once it was gone (new segment {new_id})"
+    ));
+
+    // A clean stop leaves nothing: no segment, no /dev/shm file, no region, no pool page.
+    c.stop("fast");
+    assert!(segment(new_id).is_none(), "segment {new_id} left");
+    assert!(segment(id).is_none(), "segment {id} left");
+    leftovers.check("a clean stop");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !regions(&m).is_empty() {
+        assert!(Instant::now() < deadline, "regions left: {}", m.stat());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let now = msharefs_tests::PoolState::read();
+    assert!(
+        now.nr_hugepages == pool.before().nr_hugepages,
+        "pool {now:?}, before {:?}",
+        pool.before()
+    );
+
+    // The same join without the shim: the kernel's own shared memory, the same result.
+    c.start_with(&[], OPTS);
+    let (kernel, seen) = parallel_join(&c, &m);
+    assert_eq!(seen, 0);
+    assert_eq!(kernel, ours, "results differ with and without the shim");
+    c.stop("fast");
+    leftovers.check("a clean stop without the shim");
+    loud(&format!(
+        "postgres: the join gives {kernel} without the shim too; a clean stop left no \
+         segment, /dev/shm file, region or huge page"
+    ));
 }

@@ -16,7 +16,7 @@
 //!   unlinks the segment), nothing is left.
 //!
 //! Both need root (mounts, the huge-page pool, uid 65534 in children); they leave no
-//! region, pool page, `/dev/shm` file or System V segment behind ([`ShmLeftovers`]).
+//! region, pool page, `/dev/shm` file or System V segment behind (`ShmLeftovers`).
 
 #[path = "support_lib.rs"]
 mod support_lib;
@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use msharefs_tests::helper::Helper;
 use msharefs_tests::mountguard::Msharefs;
-use msharefs_tests::{PoolGuard, TempDir, loud, require_privileged};
+use msharefs_tests::{PoolGuard, ShmLeftovers, TempDir, loud, require_privileged};
 use serde_json::Value;
 use support_lib::{compile, libs, require_tool, run_helper};
 
@@ -38,66 +38,6 @@ const LIMIT: Duration = Duration::from_secs(300);
 
 fn os<S: AsRef<OsStr> + ?Sized>(s: &S) -> &OsStr {
     s.as_ref()
-}
-
-/// `/dev/shm` entries and System V segment ids present now.
-fn shm_state() -> (BTreeSet<String>, BTreeSet<i32>) {
-    let files = std::fs::read_dir("/dev/shm")
-        .map(|d| {
-            d.filter_map(|e| e.ok())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    let ids = kernel_glue::ipc::segments()
-        .unwrap_or_default()
-        .into_iter()
-        .map(|s| s.id)
-        .collect();
-    (files, ids)
-}
-
-/// Removes, on drop, the `/dev/shm` files and System V segments that appeared during the
-/// test (also when it fails); [`ShmLeftovers::check`] asserts there are none.
-struct ShmLeftovers {
-    before: (BTreeSet<String>, BTreeSet<i32>),
-}
-
-impl ShmLeftovers {
-    fn new() -> ShmLeftovers {
-        ShmLeftovers {
-            before: shm_state(),
-        }
-    }
-
-    fn new_since(&self) -> (Vec<String>, Vec<i32>) {
-        let (files, ids) = shm_state();
-        (
-            files.difference(&self.before.0).cloned().collect(),
-            ids.difference(&self.before.1).copied().collect(),
-        )
-    }
-
-    /// Asserts that no `/dev/shm` file or segment appeared.
-    fn check(&self, what: &str) {
-        let (files, ids) = self.new_since();
-        assert!(
-            files.is_empty() && ids.is_empty(),
-            "{what} left /dev/shm files {files:?} and System V segments {ids:?}"
-        );
-    }
-}
-
-impl Drop for ShmLeftovers {
-    fn drop(&mut self) {
-        let (files, ids) = self.new_since();
-        for f in files {
-            let _ = std::fs::remove_file(Path::new("/dev/shm").join(f));
-        }
-        for id in ids {
-            let _ = kernel_glue::ipc::shm_remove(id);
-        }
-    }
 }
 
 /// Waits until the mount holds no region and the pool is as it was: the memory of every

@@ -20,7 +20,6 @@ use kernel_glue::errnos::*;
 use kernel_glue::mapping::{Mapping, Protection};
 use kernel_glue::{consts, fd as kfd, socket};
 
-use crate::cstr::StackStr;
 use crate::uapi::{self, MshareRegionInfo};
 
 /// The region behind `fd`, if `fd` is a region file on an msharefs mount with its size
@@ -93,19 +92,14 @@ pub fn request_backing(
     request(socket, &[req], Some(region_fd))?.ok_or_else(|| kernel_glue::errno(EIO))
 }
 
-/// What the `mshare_info` file of the msharefs mount at `dir` reports: the daemon's attach
-/// socket (the shim's way to find the daemon of `MSHARE_MOUNT`).
+/// What `MSHAREFS_GET_INFO` on the directory `dir` of an msharefs mount reports: the
+/// daemon's attach socket (the shim's way to find the daemon of `MSHARE_MOUNT`).
 ///
 /// # Errors
-/// `ENAMETOOLONG` for a path that does not fit; `ENODEV` when `dir` is not on msharefs;
-/// open and ioctl errors.
+/// `ENODEV` when `dir` is not on msharefs; open and ioctl errors.
 pub fn mount_info(dir: &CStr) -> io::Result<MshareRegionInfo> {
-    let mut path = StackStr::<4096>::new();
-    path.push(dir.to_bytes())
-        .and_then(|()| path.push(b"/"))
-        .and_then(|()| path.push(uapi::MSHARE_INFO_NAME.as_bytes()))
-        .map_err(|_| kernel_glue::errno(ENAMETOOLONG))?;
-    let fd = kernel_glue::shim_sys::openat(None, path.as_cstr(), consts::O_RDONLY, 0)?;
+    let flags = consts::O_RDONLY | kernel_glue::shim_sys::O_DIRECTORY;
+    let fd = kernel_glue::shim_sys::openat(None, dir, flags, 0)?;
     if kfd::fstatfs(&fd)?.fs_type != kernel_glue::FUSE_SUPER_MAGIC {
         return Err(kernel_glue::errno(ENODEV));
     }

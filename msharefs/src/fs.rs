@@ -739,17 +739,16 @@ impl Core {
 
     // ---- ioctls ------------------------------------------------------------------------
 
-    /// `MSHAREFS_GET_INFO`. On `mshare_info` it reports only the attach socket, for the
-    /// shim, which finds the daemon of a mount that way.
+    /// `MSHAREFS_GET_INFO`. On a directory or `mshare_info` it reports only the attach
+    /// socket (size 0), for the shim, which finds the daemon of `MSHARE_MOUNT` that way.
     pub fn region_info(&self, ino: u64) -> FsResult<uapi::MshareRegionInfo> {
         let mut info = uapi::MshareRegionInfo {
             granule: uapi::MSHARE_GRANULE,
             version: 2,
             ..Default::default()
         };
-        if ino != INFO_INO {
-            let inner = self.lock();
-            let r = inner.tree.get(ino).and_then(Node::region).ok_or(ENOTTY)?;
+        let inner = self.lock();
+        if let Some(r) = inner.tree.get(ino).ok_or(ENOTTY)?.region() {
             info.size = r.size;
             info.length = r.length();
             info.page_size = r.store.page_size();
@@ -760,6 +759,7 @@ impl Core {
                 Some(ShmOrigin::Sysv { .. }) => uapi::KIND_SYSV_SHM,
             };
         }
+        drop(inner);
         let p = self.socket_path.as_os_str().as_encoded_bytes();
         if p.len() >= uapi::SOCKET_PATH_LEN {
             return Err(ENAMETOOLONG);
