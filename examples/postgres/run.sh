@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# PostgreSQL's shared buffers on msharefs: pgbench in three configurations on the same
-# data, with page-table costs measured while every client is connected.
+# PostgreSQL's shared buffers on msharefs: pgbench in up to five configurations on the
+# same data, with page-table costs measured while every client is connected.
 #
-#   examples/postgres/run.sh [--small] [--out DIR] [--keep] [--configs "off on shim"]
+#   examples/postgres/run.sh [--small] [--out DIR] [--keep]
+#                            [--configs "off on shim sysv sysv-shim"]
 #
 # Configurations (one throw-away cluster, one data set, one server at a time):
 #   off   huge_pages=off: PostgreSQL's shared memory is 4 KiB shmem pages;
@@ -11,11 +12,17 @@
 #         and gives exactly that back);
 #   shim  huge_pages=off under LD_PRELOAD=libmshare_preload.so with MSHARE_MOUNT and
 #         MSHARE_ANON_MIN: the same mmap(MAP_SHARED|MAP_ANONYMOUS) lands on a hugetlb region
-#         of msharefs, 1 GiB-aligned, and the backends share its page tables.
+#         of msharefs, 1 GiB-aligned, and the backends share its page tables;
+#   sysv  shared_memory_type=sysv: the main segment is a System V segment of 4 KiB pages
+#         (PostgreSQL never asks for SHM_HUGETLB);
+#   sysv-shim  shared_memory_type=sysv under the shim with MSHARE_MOUNT and MSHARE_SHM_MIN:
+#         the System V segment's data is a hugetlb region of msharefs, 1 GiB-aligned.
 #
 # For each: the PageTables line of /proc/meminfo (delta against the reading just before the
 # server started), the sum of VmPTE over all server processes, the number of client
-# backends, pgbench's TPS and its failure count. Samples are taken every second while
+# backends, the median client backend's minor faults (every fault it took, also on its
+# private memory: an upper bound of those on shared memory), pgbench's initial connection
+# time (forking and attaching all clients), its TPS and its failure count. Samples are taken every second while
 # pgbench runs with all clients connected (see the report's header for how they are
 # summarised). Results:
 # DIR/results.json, DIR/results.md, DIR/samples-CONFIG.csv, DIR/pgbench-CONFIG.log,
@@ -35,6 +42,7 @@
 #   JOBS=2               pgbench threads
 #   MODE=select-only     pgbench built-in script: select-only or tpcb-like
 #   MSHARE_ANON_MIN=64M  smallest anonymous shared mapping the shim places
+#   MSHARE_SHM_MIN=64M   smallest System V or POSIX segment the shim places
 #   PG_BIN               default: the newest /usr/lib/postgresql/*/bin
 #   PG_USER=postgres     the user the server runs as
 #   MSHAREFS_BIN, PRELOAD_SO   default: target/release/{msharefs,libmshare_preload.so},
@@ -92,8 +100,9 @@ fi
 JOBS=${JOBS:-2}
 MODE=${MODE:-select-only}
 MSHARE_ANON_MIN=${MSHARE_ANON_MIN:-64M}
+MSHARE_SHM_MIN=${MSHARE_SHM_MIN:-64M}
 PG_USER=${PG_USER:-postgres}
-CONFIGS=${CONFIGS_ARG:-${CONFIGS:-off on shim}}
+CONFIGS=${CONFIGS_ARG:-${CONFIGS:-off on shim sysv sysv-shim}}
 OUT=${OUT_ARG:-${OUT:-$REPO/target/postgres-bench}}
 
 case "$MODE" in
@@ -102,8 +111,8 @@ select-only | tpcb-like) ;;
 esac
 for c in $CONFIGS; do
     case "$c" in
-    off | on | shim) ;;
-    *) die "unknown configuration $c (off, on, shim)" ;;
+    off | on | shim | sysv | sysv-shim) ;;
+    *) die "unknown configuration $c (off, on, shim, sysv, sysv-shim)" ;;
     esac
 done
 
@@ -275,13 +284,15 @@ logging_collector = off
 EOF
 
 # huge_pages goes on the command line, so postgresql.conf is the same for every run.
+# SERVER_OPTS: further -c options of the configuration being run.
+SERVER_OPTS=""
 start_server() { # start_server LOGFILE HUGE_PAGES [env assignments...]
     local log=$1 huge=$2
     shift 2
     PG_RUNNING=1
     # 8>&-: the server must not inherit (and so hold) the run lock.
     as_pg env "$@" "$PG_BIN/pg_ctl" -D "$WORK/data" -l "$log" -w -t 300 \
-        -o "-c huge_pages=$huge" start >/dev/null 8>&- ||
+        -o "-c huge_pages=$huge $SERVER_OPTS" start >/dev/null 8>&- ||
         {
             tail -20 "$log" >&2
             die "the server did not start (log: $log)"
@@ -319,8 +330,9 @@ server_pids() {
 }
 
 # One sample: epoch PageTables_kB sum_VmPTE_kB processes client_backends; with all clients
-# connected, also each client backend's VmPTE (kB) into the file $1. A handful of
-# processes per sample, so the sampler itself hardly disturbs the benchmark.
+# connected, also each client backend's VmPTE (kB) into the file $1 and its minor faults
+# into the file $2. A handful of processes per sample, so the sampler itself hardly
+# disturbs the benchmark.
 sample() {
     local pt pids=() pid status=() cmdlines=() backends=() sum_n clients
     pt=$(meminfo_kb PageTables)
@@ -335,8 +347,79 @@ sample() {
     if ((clients >= CLIENTS)); then
         # Each client backend's VmPTE, for the median in the report.
         awk '$1 == "VmPTE:" { print $2 }' "${backends[@]/%cmdline/status}" 2>/dev/null >"$1" || true
+        # Field 10 of /proc/PID/stat, counted after the ')' that ends the command name.
+        sed 's/.*) //' "${backends[@]/%cmdline/stat}" 2>/dev/null | awk '{ print $8 }' >"$2" || true
     fi
     echo "$(date +%s) $pt ${sum_n:-0 0} $clients"
+}
+
+# The largest mapping of a region backing in process $1: its main segment (dynamic shared
+# memory segments may be on msharefs too).
+largest_region_mapping() {
+    local l range best="" size max=0
+    while read -r l; do
+        range=${l%% *}
+        size=$((16#${range#*-} - 16#${range%-*}))
+        if ((size > max)); then
+            max=$size best=$l
+        fi
+    done < <(grep -E " rw-s .*$WORK/state/backing/hugetlb/[0-9]+$" "/proc/$1/maps" || true)
+    echo "$best"
+}
+
+# ATTACHERS processes that attach the server's System V segment as an Oracle process would
+# (shmat by id, under the server's environment), read every 4 KiB page, and hold it while
+# PageTables is read; prints "pagetables_delta_bytes median_faults median_attach_touch_ms
+# segment_bytes". Only for the sysv configurations: an anonymous mapping cannot be attached.
+ATTACHERS=${ATTACHERS:-16}
+ATTACH_PY='
+import ctypes, os, resource, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+libc.shmat.restype = ctypes.c_void_p
+libc.shmat.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+ds = (ctypes.c_char * 128)()
+libc.shmctl(int(sys.argv[1]), 2, ds)           # IPC_STAT: shm_segsz at offset 48
+size = int.from_bytes(bytes(ds[48:56]), "little")
+array = ctypes.c_char * size
+os.read(0, 1)                                  # all attachers started: go
+t0 = time.perf_counter()
+f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+p = libc.shmat(int(sys.argv[1]), None, 0)
+if p in (None, 2**64 - 1):
+    sys.exit("shmat: errno %d" % ctypes.get_errno())
+s = sum(memoryview(array.from_address(p)).cast("B")[::4096])
+f1 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+t1 = time.perf_counter()
+print(f1 - f0, (t1 - t0) * 1000, size, flush=True)
+os.read(0, 1)                                  # hold until told (end of file)
+'
+attach_probe() { # attach_probe SHMID [env assignments...]
+    local id=$1 i pids=() fifo before after
+    shift
+    fifo="$WORK/attach.fifo"
+    rm -f "$fifo" "$WORK"/attach-*.out
+    mkfifo "$fifo"
+    chmod 0666 "$fifo"
+    for ((i = 0; i < ATTACHERS; i++)); do
+        as_pg env "$@" python3 -c "$ATTACH_PY" "$id" <"$fifo" >"$WORK/attach-$i.out" 8>&- &
+        pids+=($!)
+    done
+    exec 9>"$fifo"
+    sleep 2
+    before=$(meminfo_kb PageTables)
+    for ((i = 0; i < ATTACHERS; i++)); do printf 'g' >&9; done
+    for ((i = 0; i < 200; i++)); do
+        (($(cat "$WORK"/attach-*.out 2>/dev/null | wc -l) >= ATTACHERS)) && break
+        sleep 0.5
+    done
+    after=$(meminfo_kb PageTables)
+    exec 9>&-
+    wait "${pids[@]}" || die "an attacher failed ($(cat "$WORK"/attach-*.out))"
+    local mid=$(((ATTACHERS + 1) / 2)) faults ms size
+    faults=$(cut -d' ' -f1 "$WORK"/attach-*.out | sort -n | sed -n "${mid}p")
+    ms=$(cut -d' ' -f2 "$WORK"/attach-*.out | sort -n | sed -n "${mid}p")
+    size=$(cut -d' ' -f3 "$WORK"/attach-0.out)
+    echo "$(((after - before) * 1024)) $faults $ms $size"
 }
 
 # What the postmaster's shared memory is mapped as (the line of /proc/PID/maps), checked
@@ -348,28 +431,31 @@ check_shared_mapping() { # check_shared_mapping CONFIG
     off) line=$(grep -E ' rw-s .*/dev/zero \(deleted\)$' "/proc/$pm/maps" | sort -t' ' -k1 | tail -1 || true) ;;
     on) line=$(grep -E ' rw-s .*/anon_hugepage \(deleted\)$' "/proc/$pm/maps" || true) ;;
     shim) line=$(grep -E " rw-s .*$WORK/state/backing/hugetlb/[0-9]+ \(deleted\)$" "/proc/$pm/maps" || true) ;;
+    sysv) line=$(grep -E ' rw-s .*/SYSV[0-9a-f]{8} \(deleted\)$' "/proc/$pm/maps" || true) ;;
+    sysv-shim) line=$(largest_region_mapping "$pm") ;;
     esac
     [[ -n "$line" ]] || {
         grep ' rw-s ' "/proc/$pm/maps" >&2
         die "$cfg: the postmaster's shared memory is not where this configuration puts it"
     }
-    if [[ "$cfg" == shim ]]; then
+    if [[ "$cfg" == shim || "$cfg" == sysv-shim ]]; then
         start=$((16#${line%%-*}))
-        ((start % (1 << 30) == 0)) || die "shim: region mapped at $line, not 1 GiB-aligned"
+        ((start % (1 << 30) == 0)) || die "$cfg: region mapped at $line, not 1 GiB-aligned"
         if grep -q "libmshare_preload" "$WORK/log/server-$cfg.log"; then
             grep "libmshare_preload" "$WORK/log/server-$cfg.log" >&2
-            die "shim: the shim fell back to ordinary shared memory"
+            die "$cfg: the shim fell back to ordinary shared memory"
         fi
     fi
     echo "$line"
 }
 
 declare -A R_PT R_PT_LO R_PT_HI R_BASE_SPREAD R_NSAMPLES R_VMPTE R_CLIENTS R_PROCS R_TPS R_FAILED R_TX \
-    R_MAP R_PT_BEFORE R_MEDIAN_VMPTE
+    R_MAP R_PT_BEFORE R_MEDIAN_VMPTE R_MEDIAN_FAULTS R_CONNECT_MS R_ATT_PT R_ATT_FAULTS R_ATT_MS R_ATT_GIB
 
 run_config() {
     local cfg=$1 env_args=() huge=off pages=0
     say "configuration $cfg"
+    SERVER_OPTS=""
     case "$cfg" in
     off) ;;
     on)
@@ -384,6 +470,13 @@ run_config() {
         compact_memory
         env_args=(LD_PRELOAD="$WORK/libmshare_preload.so" MSHARE_MOUNT="$MNT/pg"
             MSHARE_ANON_MIN="$MSHARE_ANON_MIN")
+        ;;
+    sysv) SERVER_OPTS="-c shared_memory_type=sysv" ;;
+    sysv-shim)
+        compact_memory
+        SERVER_OPTS="-c shared_memory_type=sysv"
+        env_args=(LD_PRELOAD="$WORK/libmshare_preload.so" MSHARE_MOUNT="$MNT/pg"
+            MSHARE_SHM_MIN="$MSHARE_SHM_MIN")
         ;;
     esac
     # Let the previous server's memory go back before the baseline reading.
@@ -408,10 +501,10 @@ run_config() {
         -h "$WORK/sock" -p 5432 -U "$PG_USER" bench >"$OUT/pgbench-$cfg.log" 2>&1 8>&- &
     PGBENCH_PID=$!
     local samples="$OUT/samples-$cfg.csv" s
-    rm -f "$OUT/backend-vmpte-$cfg.txt"
+    rm -f "$OUT/backend-vmpte-$cfg.txt" "$OUT/backend-faults-$cfg.txt"
     echo "epoch,pagetables_kb,sum_vmpte_kb,server_processes,client_backends" >"$samples"
     while kill -0 "$PGBENCH_PID" 2>/dev/null; do
-        s=$(sample "$OUT/backend-vmpte-$cfg.txt")
+        s=$(sample "$OUT/backend-vmpte-$cfg.txt" "$OUT/backend-faults-$cfg.txt")
         echo "${s// /,}" >>"$samples"
         sleep 1
     done
@@ -443,6 +536,10 @@ run_config() {
     R_PT_HI[$cfg]=$((pt_hi - before))
     R_MEDIAN_VMPTE[$cfg]=$(sort -n "$OUT/backend-vmpte-$cfg.txt" 2>/dev/null |
         awk '{ a[NR] = $1 } END { print (NR ? a[int((NR + 1) / 2)] : 0) + 0 }')
+    R_MEDIAN_FAULTS[$cfg]=$(sort -n "$OUT/backend-faults-$cfg.txt" 2>/dev/null |
+        awk '{ a[NR] = $1 } END { print (NR ? a[int((NR + 1) / 2)] : 0) + 0 }')
+    R_CONNECT_MS[$cfg]=$(sed -n 's/^initial connection time = \([0-9.]*\) ms.*/\1/p' "$OUT/pgbench-$cfg.log" | tail -1)
+    R_CONNECT_MS[$cfg]=${R_CONNECT_MS[$cfg]:-0}
     R_TPS[$cfg]=$(sed -n 's/^tps = \([0-9.]*\) .*/\1/p' "$OUT/pgbench-$cfg.log" | tail -1)
     R_TX[$cfg]=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$OUT/pgbench-$cfg.log")
     R_FAILED[$cfg]=$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' "$OUT/pgbench-$cfg.log")
@@ -451,6 +548,13 @@ run_config() {
     ((R_FAILED[$cfg] == 0)) || die "$cfg: pgbench reports ${R_FAILED[$cfg]} failed transactions"
     if grep -qE '^(pgbench: error|FATAL|ERROR)' "$OUT/pgbench-$cfg.log"; then
         die "$cfg: pgbench reported errors (see $OUT/pgbench-$cfg.log)"
+    fi
+    if [[ "$cfg" == sysv || "$cfg" == sysv-shim ]]; then
+        local shmid
+        shmid=$(sed -n 7p "$WORK/data/postmaster.pid" | awk '{ print $2 }')
+        read -r R_ATT_PT[$cfg] R_ATT_FAULTS[$cfg] R_ATT_MS[$cfg] R_ATT_GIB[$cfg] \
+            < <(attach_probe "$shmid" "${env_args[@]}")
+        echo "$cfg: $ATTACHERS attachers of segment $shmid: PageTables +${R_ATT_PT[$cfg]} B, median ${R_ATT_FAULTS[$cfg]} faults, ${R_ATT_MS[$cfg]} ms" >&2
     fi
     stop_server
     if [[ "$cfg" == on ]]; then
@@ -462,7 +566,7 @@ run_config() {
         "${R_MEDIAN_VMPTE[$cfg]}" "${R_TPS[$cfg]}" "${R_TX[$cfg]}" >&2
 }
 
-if [[ " $CONFIGS " == *" shim "* ]]; then
+if [[ " $CONFIGS " == *" shim "* || " $CONFIGS " == *" sysv-shim "* ]]; then
     say "mounting msharefs"
     mkdir "$WORK/mnt"
     "$MSHAREFS_BIN" mount "$WORK/mnt" --state-dir "$WORK/state" --backing hugetlb >&2 8>&-
@@ -495,9 +599,9 @@ HOST_MEM_KB=$(meminfo_kb MemTotal)
     for cfg in $CONFIGS; do
         ((first)) || echo ","
         first=0
-        printf '    "%s": {"pagetables_before_kb": %s, "pagetables_baseline_spread_kb": %s, "pagetables_delta_kb": %s, "pagetables_delta_min_kb": %s, "pagetables_delta_max_kb": %s, "samples": %s, "sum_vmpte_kb": %s, "median_backend_vmpte_kb": %s, "server_processes": %s, "client_backends": %s, "tps": %s, "transactions": %s, "failed_transactions": %s, "shared_mapping": "%s"}' \
+        printf '    "%s": {"pagetables_before_kb": %s, "pagetables_baseline_spread_kb": %s, "pagetables_delta_kb": %s, "pagetables_delta_min_kb": %s, "pagetables_delta_max_kb": %s, "samples": %s, "sum_vmpte_kb": %s, "median_backend_vmpte_kb": %s, "median_backend_minor_faults": %s, "initial_connection_ms": %s, "server_processes": %s, "client_backends": %s, "tps": %s, "transactions": %s, "failed_transactions": %s, "shared_mapping": "%s"}' \
             "$cfg" "${R_PT_BEFORE[$cfg]}" "${R_BASE_SPREAD[$cfg]}" "${R_PT[$cfg]}" "${R_PT_LO[$cfg]}" "${R_PT_HI[$cfg]}" "${R_NSAMPLES[$cfg]}" \
-            "${R_VMPTE[$cfg]}" "${R_MEDIAN_VMPTE[$cfg]}" "${R_PROCS[$cfg]}" \
+            "${R_VMPTE[$cfg]}" "${R_MEDIAN_VMPTE[$cfg]}" "${R_MEDIAN_FAULTS[$cfg]}" "${R_CONNECT_MS[$cfg]}" "${R_PROCS[$cfg]}" \
             "${R_CLIENTS[$cfg]}" "${R_TPS[$cfg]}" "${R_TX[$cfg]}" "${R_FAILED[$cfg]}" \
             "$(echo "${R_MAP[$cfg]}" | tr -s ' ' | sed 's/"/\\"/g')"
     done
@@ -505,10 +609,13 @@ HOST_MEM_KB=$(meminfo_kb MemTotal)
     echo "  },"
     echo "  \"ratios\": {"
     sep=""
-    for other in off on; do
-        if [[ -n "${R_PT[shim]:-}" && -n "${R_PT[$other]:-}" ]]; then
-            printf '%s    "shim_over_%s": {"pagetables_delta": %s, "sum_vmpte": %s}' "$sep" "$other" \
-                "$(ratio "${R_PT[shim]}" "${R_PT[$other]}")" "$(ratio "${R_VMPTE[shim]}" "${R_VMPTE[$other]}")"
+    for pair in shim:off shim:on sysv-shim:sysv sysv-shim:on; do
+        ours=${pair%%:*} other=${pair#*:}
+        if [[ -n "${R_PT[$ours]:-}" && -n "${R_PT[$other]:-}" ]]; then
+            printf '%s    "%s_over_%s": {"pagetables_delta": %s, "sum_vmpte": %s, "median_backend_minor_faults": %s}' \
+                "$sep" "${ours//-/_}" "$other" \
+                "$(ratio "${R_PT[$ours]}" "${R_PT[$other]}")" "$(ratio "${R_VMPTE[$ours]}" "${R_VMPTE[$other]}")" \
+                "$(ratio "${R_MEDIAN_FAULTS[$ours]}" "${R_MEDIAN_FAULTS[$other]}")"
             sep=$',\n'
         fi
     done
@@ -518,7 +625,7 @@ HOST_MEM_KB=$(meminfo_kb MemTotal)
 } >"$OUT/results.json"
 
 {
-    echo "# PostgreSQL on msharefs: pgbench, three configurations"
+    echo "# PostgreSQL on msharefs: pgbench, $(wc -w <<<"$CONFIGS") configurations"
     echo
     echo "$PG_VERSION; Linux $(uname -r); $(nproc) CPUs; $((HOST_MEM_KB >> 20)) GiB."
     echo "pgbench $MODE, $CLIENTS clients, $JOBS threads, ${DURATION} s, scale $SCALE ($((DATA_BYTES >> 20)) MiB of tables and indexes, prewarmed);"
@@ -527,26 +634,50 @@ HOST_MEM_KB=$(meminfo_kb MemTotal)
     echo "(all clients connected), minus the median of 5 readings before the server started; in brackets the"
     echo "lowest and highest sample, and the spread of the 5 baseline readings (other programs on the machine)."
     echo "Sum of VmPTE: all server processes, highest sample. Shared PMD pages count once in PageTables but in"
-    echo "the VmPTE of every process that uses them."
+    echo "the VmPTE of every process that uses them. Backend faults: the median client backend's minor faults"
+    echo "(all of them, also on private memory), per GiB of shared memory. Connect: pgbench's initial connection time."
     echo
-    echo "| configuration | PageTables delta [min..max; baseline spread] | sum of VmPTE | median backend VmPTE | processes (client backends) | TPS | failed |"
-    echo "|---|---:|---:|---:|---|---:|---:|"
+    echo "| configuration | PageTables delta [min..max; baseline spread] | sum of VmPTE | median backend VmPTE | backend faults per GiB | connect | processes (client backends) | TPS | failed |"
+    echo "|---|---:|---:|---:|---:|---:|---|---:|---:|"
     for cfg in $CONFIGS; do
         case "$cfg" in
         off) name="huge_pages=off (4 KiB pages)" ;;
         on) name="huge_pages=on (PostgreSQL's own huge pages)" ;;
         shim) name="huge_pages=off + msharefs shim" ;;
+        sysv) name="shared_memory_type=sysv (4 KiB pages)" ;;
+        sysv-shim) name="shared_memory_type=sysv + msharefs shim" ;;
         esac
-        printf '| %s | %s kB [%s..%s; %s] | %s kB | %s kB | %s (%s) | %s | %s |\n' "$name" "${R_PT[$cfg]}" \
+        printf '| %s | %s kB [%s..%s; %s] | %s kB | %s kB | %s | %s ms | %s (%s) | %s | %s |\n' "$name" "${R_PT[$cfg]}" \
             "${R_PT_LO[$cfg]}" "${R_PT_HI[$cfg]}" "${R_BASE_SPREAD[$cfg]}" "${R_VMPTE[$cfg]}" \
-            "${R_MEDIAN_VMPTE[$cfg]}" "${R_PROCS[$cfg]}" "${R_CLIENTS[$cfg]}" "${R_TPS[$cfg]}" "${R_FAILED[$cfg]}"
+            "${R_MEDIAN_VMPTE[$cfg]}" "$(awk -v f="${R_MEDIAN_FAULTS[$cfg]}" -v m="$SHMEM_MB" 'BEGIN { printf "%.0f", f / (m / 1024) }')" \
+            "${R_CONNECT_MS[$cfg]}" "${R_PROCS[$cfg]}" "${R_CLIENTS[$cfg]}" "${R_TPS[$cfg]}" "${R_FAILED[$cfg]}"
     done
     echo
-    for other in off on; do
-        if [[ -n "${R_PT[shim]:-}" && -n "${R_PT[$other]:-}" ]]; then
-            echo "- shim / $other: PageTables delta $(ratio "${R_PT[shim]}" "${R_PT[$other]}"), sum of VmPTE $(ratio "${R_VMPTE[shim]}" "${R_VMPTE[$other]}")"
+    for pair in shim:off shim:on sysv-shim:sysv sysv-shim:on; do
+        ours=${pair%%:*} other=${pair#*:}
+        if [[ -n "${R_PT[$ours]:-}" && -n "${R_PT[$other]:-}" ]]; then
+            echo "- $ours / $other: PageTables delta $(ratio "${R_PT[$ours]}" "${R_PT[$other]}"), sum of VmPTE $(ratio "${R_VMPTE[$ours]}" "${R_VMPTE[$other]}"), backend faults $(ratio "${R_MEDIAN_FAULTS[$ours]}" "${R_MEDIAN_FAULTS[$other]}")"
         fi
     done
+    if [[ -n "${R_ATT_PT[sysv]:-}${R_ATT_PT[sysv-shim]:-}" ]]; then
+        echo
+        echo "$ATTACHERS further processes attach the running server's System V segment (shmat by id, as an"
+        echo "Oracle process would; under the server's environment), read every 4 KiB page, and hold it while"
+        echo "PageTables is read (delta against the reading before they attach):"
+        echo
+        echo "| configuration | page tables per attacher per GiB | faults per attacher per GiB | attach+touch (median) |"
+        echo "|---|---:|---:|---:|"
+        for cfg in sysv sysv-shim; do
+            [[ -n "${R_ATT_PT[$cfg]:-}" ]] || continue
+            awk -v c="$cfg" -v pt="${R_ATT_PT[$cfg]}" -v f="${R_ATT_FAULTS[$cfg]}" -v ms="${R_ATT_MS[$cfg]}" \
+                -v g="${R_ATT_GIB[$cfg]}" -v n="$ATTACHERS" \
+                'BEGIN { g /= 2^30; printf "| %s | %.0f B | %.1f | %.1f ms |\n", c, pt / n / g, f / g, ms }'
+        done
+        if [[ -n "${R_ATT_PT[sysv]:-}" && -n "${R_ATT_PT[sysv-shim]:-}" ]]; then
+            echo
+            echo "- sysv-shim / sysv attachers: page tables $(ratio "${R_ATT_PT[sysv-shim]}" "${R_ATT_PT[sysv]}"), faults $(ratio "${R_ATT_FAULTS[sysv-shim]}" "${R_ATT_FAULTS[sysv]}"), attach+touch time $(ratio "${R_ATT_MS[sysv-shim]}" "${R_ATT_MS[sysv]}")"
+        fi
+    fi
     echo
     echo "Shared memory mappings (postmaster's /proc/PID/maps):"
     echo
