@@ -274,13 +274,22 @@ fn place(
         Err(e) if e.raw_os_error() == Some(ENOENT) => return Ok(None),
         Err(e) => {
             let errno = kernel_glue::errno_of(&e);
+            // A segment of the size the shim places may have its data on msharefs: rather
+            // than hand out the kernel segment's (empty) memory, fail.
+            let ours = ipc::shm_stat(id)
+                .is_ok_and(|s| env::shm_min().is_some_and(|min| s.segsz >= min));
             log(format_args!(
                 "shmat: msharefs at {:?} cannot be reached: errno {errno} ({}); segment \
-                 {id} is attached as an ordinary one",
+                 {id} {}",
                 Bytes(dir.to_bytes()),
-                errno_name(errno)
+                errno_name(errno),
+                if ours {
+                    "is not attached"
+                } else {
+                    "is attached as an ordinary one"
+                }
             ));
-            return Ok(None);
+            return if ours { Err(errno) } else { Ok(None) };
         }
     };
     let size = kfd::fstat(&backing)
