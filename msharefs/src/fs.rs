@@ -33,15 +33,23 @@ pub fn info_text() -> String {
     format!("{}\n", uapi::MSHARE_GRANULE)
 }
 
-/// Checks an object range of an ioctl against a region (size set, non-empty, page-aligned,
-/// inside the region, no overflow); returns its end.
-fn object_range(r: &RegionMeta, offset: u64, size: u64) -> FsResult<u64> {
+/// Checks an object range of an ioctl against a region and returns it as the region
+/// holds it: `[offset, end)` with `end` rounded up to the region's page size.
+///
+/// The region's pages are the unit, as the kernel's hugetlb mappings make them: an
+/// object or unmap range must start on a page boundary of the region (`EINVAL`
+/// otherwise, as `mmap(MAP_FIXED|MAP_HUGETLB)` at an unaligned address is) and its size is
+/// rounded up to whole pages (as a hugetlb `mmap` rounds its length), so a 4 KiB object
+/// of a hugetlb region occupies one 2 MiB page. The size must be set, the range non-empty
+/// and inside the region (overflow-safe).
+fn object_range(r: &RegionMeta, offset: u64, size: u64) -> FsResult<(u64, u64)> {
     let page = r.store.page_size();
     let end = offset.checked_add(size).ok_or(EINVAL)?;
-    if r.size == 0 || size == 0 || end > r.size || offset % page != 0 || size % page != 0 {
+    if r.size == 0 || size == 0 || end > r.size || offset % page != 0 {
         return Err(EINVAL);
     }
-    Ok(end)
+    // r.size is a multiple of the page size, so the rounded end stays inside the region.
+    Ok((offset, end.div_ceil(page) * page))
 }
 
 /// A node's region metadata; `EISDIR`/`EPERM` for a directory or `mshare_info`.
@@ -742,22 +750,19 @@ impl Core {
         if prot & !(consts::PROT_READ | consts::PROT_WRITE | consts::PROT_EXEC) != 0 {
             return Err(EINVAL);
         }
-        let end = object_range(r, req.region_offset, req.size)?;
-        let overlaps = r
-            .objects
-            .iter()
-            .any(|(&o, &s)| o < end && req.region_offset < o + s);
+        let (start, end) = object_range(r, req.region_offset, req.size)?;
+        let overlaps = r.objects.iter().any(|(&o, &s)| o < end && start < o + s);
         if overlaps {
             return Err(EEXIST);
         }
         let (store, size) = (r.store, r.size);
         if store == Store::Hugetlb {
             self.hostmm
-                .populate(ino, size, req.region_offset, req.size, &self.opener(ino))
+                .populate(ino, size, start, end - start, &self.opener(ino))
                 .map_err(|e| errno_of(&e))?;
         }
         if let Some(r) = inner.tree.get_mut(ino).and_then(Node::region_mut) {
-            r.objects.insert(req.region_offset, req.size);
+            r.objects.insert(start, end - start);
         }
         self.persist(&inner)
     }
@@ -768,21 +773,21 @@ impl Core {
         let mut inner = self.lock();
         let node = inner.tree.get(ino).ok_or(ENOENT)?;
         let r = node.region().ok_or(ENOTTY)?;
-        let end = object_range(r, req.region_offset, req.size)?;
+        let (start, end) = object_range(r, req.region_offset, req.size)?;
         let store = r.store;
         self.stores
-            .discard(store, ino, req.region_offset, req.size)
+            .discard(store, ino, start, end - start)
             .map_err(|e| errno_of(&e))?;
         if let Some(r) = inner.tree.get_mut(ino).and_then(Node::region_mut) {
             let mut kept = std::collections::BTreeMap::new();
             for (&o, &s) in &r.objects {
                 let oend = o + s;
-                if oend <= req.region_offset || o >= end {
+                if oend <= start || o >= end {
                     kept.insert(o, s);
                     continue;
                 }
-                if o < req.region_offset {
-                    kept.insert(o, req.region_offset - o);
+                if o < start {
+                    kept.insert(o, start - o);
                 }
                 if oend > end {
                     kept.insert(end, oend - end);
