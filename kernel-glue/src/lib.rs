@@ -18,6 +18,10 @@ pub mod process;
 pub mod procfs;
 pub mod shim_sys;
 pub mod socket;
+pub mod uffd;
+#[cfg(feature = "uring")]
+pub mod uring;
+pub mod vmops;
 
 use std::io;
 

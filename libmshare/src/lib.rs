@@ -7,6 +7,7 @@
 
 pub mod anon;
 pub mod ffi;
+pub mod guard;
 pub mod interpose;
 pub mod region;
 pub mod uapi;
