@@ -10,6 +10,7 @@
 
 pub mod bench_sys;
 pub mod caps;
+pub mod cgroup;
 pub mod fd;
 pub mod hugepages;
 pub mod mapping;

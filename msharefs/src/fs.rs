@@ -16,7 +16,7 @@ use kernel_glue::mapping::Protection;
 use kernel_glue::{consts, fd as kfd};
 use mshare::{Backing, uapi};
 
-use crate::backing::Stores;
+use crate::backing::{Stores, charge};
 use crate::hostmm::HostMm;
 use crate::state::{INFO_INO, Node, NodeKind, RegionMeta, Store, Tree};
 
@@ -288,6 +288,7 @@ impl Core {
             size: 0,
             objects: Default::default(),
             pool_pages: 0,
+            cgroup: None,
         });
         let ino = inner.tree.insert(parent, name, kind, mode, uid, gid)?;
         if let Err(e) = self.stores.create(store, ino, mode, uid, gid) {
@@ -467,7 +468,10 @@ impl Core {
     /// A region owned by a uid other than root may not take its owner past
     /// `user_quota`: `EDQUOT`, with nothing reserved. The owner, not the caller, is
     /// charged: the memory stays theirs for as long as the region lives.
-    pub fn set_size(&self, ino: u64, size: u64) -> FsResult<()> {
+    ///
+    /// The memory itself is allocated in the cgroups of `pid`, the process that set the
+    /// size, and charged there (`backing::charge`); a size they cannot hold is `ENOMEM`.
+    pub fn set_size(&self, ino: u64, size: u64, pid: u32) -> FsResult<()> {
         let store = {
             let mut inner = self.lock();
             let node = inner.tree.get(ino).ok_or(ENOENT)?;
@@ -498,14 +502,17 @@ impl Core {
             inner.busy.insert(ino, Reservation { uid, size });
             store
         };
-        // Reserving can take seconds (tmpfs zeroes every page): do it unlocked.
-        let reserved = self.stores.reserve(store, ino, size);
+        // Reserving can take seconds (every page is zeroed): do it unlocked.
+        let reserved = charge::for_request(pid, store, size).and_then(|c| {
+            let r = self.stores.reserve(store, ino, size, &c.join);
+            r.map(|r| (r, c.shown)).map_err(|e| {
+                log::info!("region {ino}: size {size} refused: {e}");
+                errno_of(&e)
+            })
+        });
         let mut inner = self.lock();
         inner.busy.remove(&ino);
-        let reserved = reserved.map_err(|e| {
-            log::info!("region {ino}: size {size} refused: {e}");
-            errno_of(&e)
-        })?;
+        let (reserved, cgroup) = reserved?;
         let Some(r) = inner.tree.get_mut(ino).and_then(Node::region_mut) else {
             // Unlinked meanwhile and already destroyed: give everything back.
             let _ = kernel_glue::hugepages::give_back(reserved.pool_pages);
@@ -513,6 +520,7 @@ impl Core {
         };
         r.size = size;
         r.pool_pages = reserved.pool_pages;
+        r.cgroup = cgroup;
         if store == Store::Hugetlb {
             // The memory is reserved; without host tables attaches still work, only slower.
             if let Err(e) = self.hostmm.install(ino, size, &self.opener(ino)) {
@@ -775,8 +783,9 @@ impl Core {
         let r = node.region().ok_or(ENOTTY)?;
         let (start, end) = object_range(r, req.region_offset, req.size)?;
         let store = r.store;
+        let charge: Vec<PathBuf> = r.cgroup.iter().cloned().collect();
         self.stores
-            .discard(store, ino, start, end - start)
+            .discard(store, ino, start, end - start, &charge)
             .map_err(|e| errno_of(&e))?;
         if let Some(r) = inner.tree.get_mut(ino).and_then(Node::region_mut) {
             let mut kept = std::collections::BTreeMap::new();

@@ -78,6 +78,10 @@ pub struct RegionMeta {
     /// Huge pages the daemon added to the pool for this region (given back when the
     /// region ends).
     pub pool_pages: u64,
+    /// The cgroup directory its memory is charged to (that of the process that set its
+    /// size, under the backing's controller); `None` when none accounts for it.
+    #[serde(default)]
+    pub cgroup: Option<PathBuf>,
 }
 
 /// What a node is.

@@ -53,6 +53,9 @@ pub struct RegionReport {
     pub backing: &'static str,
     /// Size in bytes (0 while unset).
     pub size: u64,
+    /// The cgroup directory its memory is charged to (the sizing process's, under the
+    /// backing's controller); `null` when none accounts for it.
+    pub cgroup: Option<String>,
     /// Objects created by ioctl.
     pub objects: usize,
     /// Open msharefs handles.
@@ -388,6 +391,7 @@ pub fn report(core: &Core) -> Report {
             path: tree.path_of(node.ino),
             backing: r.store.name(),
             size: r.size,
+            cgroup: r.cgroup.as_ref().map(|p| p.display().to_string()),
             objects: r.objects.len(),
             open_handles: core.open_count(node.ino),
             attached,
