@@ -386,6 +386,7 @@ mod tests {
             size: 0,
             objects: BTreeMap::new(),
             pool_pages: 0,
+            cgroup: None,
         })
     }
 
