@@ -25,6 +25,9 @@
 //!   (`{"bytes": 8}`, or the errno)
 //! - `punch OFF LEN` (raw mode only): punches a hole in the file
 //!
+//! - `fill VALUE`: stores `VALUE` in the first word of every 4 KiB page
+//!
+//! `mshare-ops --join CGROUP_DIR ... PATH` first moves itself into each cgroup directory.
 //! `mshare-ops --raw FILE` maps a plain hugetlbfs file instead, read-write at a 1 GiB
 //! boundary, for experiments without the daemon.
 
@@ -221,6 +224,15 @@ fn command(st: &mut State<'_>, line: &str) -> io::Result<Value> {
             drop(c.release);
             json!({"status": vmops::waitpid(c.pid)?})
         }
+        "fill" => {
+            let v = num(it.next())?;
+            let mut off = 0;
+            while off < m.len() as u64 {
+                m.store_u64(off, v)?;
+                off += 4096;
+            }
+            json!({})
+        }
         "populate" => {
             m.populate(0, m.len() as u64)?;
             json!({})
@@ -283,7 +295,15 @@ fn attach(args: &[String]) -> io::Result<Attached> {
 }
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    while args.len() >= 2 && args[0] == "--join" {
+        let dir = args.remove(1);
+        args.remove(0);
+        if let Err(e) = std::fs::write(Path::new(&dir).join("cgroup.procs"), "0") {
+            say(&error(&e));
+            return ExitCode::FAILURE;
+        }
+    }
     let attached = match attach(&args) {
         Ok(a) => a,
         Err(e) => {
