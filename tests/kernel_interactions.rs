@@ -495,3 +495,123 @@ fn uffd_guard_keeps_sharing_only_between_guarded_mappings() {
         std::fs::remove_file(&file).unwrap();
     }
 }
+
+/// `MSHAREFS_UNMAP` with the unmap guard on (`MSHAREFS_UNMAP_GUARD=1` at mount) and two
+/// guarded attachers (`mshare::guard::arm`): they share tables with the guarded host
+/// mappings; after `UNMAP` a touch of the range raises `SIGBUS`, a system call into it
+/// fails with `EFAULT` (so does a FUSE `write` there), the rest of the region is
+/// untouched, and `CREATE_MAPPING` makes the range usable again, zeroed. An unguarded
+/// attacher shares nothing with guarded mappings, and stat says why.
+#[test]
+#[ignore = "needs root: mounts msharefs, grows the huge-page pool"]
+fn unmap_guard_signals_and_keeps_sharing() {
+    use kernel_glue::consts::{
+        MAP_ANONYMOUS, MAP_FIXED, MAP_SHARED, O_RDWR, PROT_READ, PROT_WRITE,
+    };
+    use mshare::uapi::{self, MshareCreate, MshareUnmap};
+    let Some((_pool, _dir)) = start("unmap_guard") else {
+        return;
+    };
+    let fs = Msharefs::mount_with_env(
+        "unmap-guard",
+        &["--backing", "hugetlb"],
+        &[("MSHAREFS_UNMAP_GUARD", "1")],
+    );
+    let path = fs.path("region");
+    Create {
+        path: path.clone(),
+        size: SIZE,
+        mode: 0o600,
+        backing: "hugetlb".into(),
+    }
+    .run(probe_bin!())
+    .unwrap();
+    while fs.stat()["regions"][0]["populated"].as_u64() != Some(SIZE) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let fd = kernel_glue::fd::open(&path, O_RDWR, 0).unwrap();
+    let mut create = MshareCreate {
+        region_offset: 0,
+        size: SIZE,
+        offset: 0,
+        prot: (PROT_READ | PROT_WRITE) as u32,
+        flags: (MAP_SHARED | MAP_FIXED | MAP_ANONYMOUS) as u32,
+        fd: u32::MAX,
+        _pad: 0,
+    };
+    kernel_glue::fd::ioctl_ptr(&fd, uapi::MSHAREFS_CREATE_MAPPING, &mut create).unwrap();
+    let mut a = Ops::start("A", &path);
+    let mut b = Ops::start("B", &path);
+    a.cmd("guard");
+    b.cmd("guard");
+    a.store(GIB, 0xBEEF);
+    a.store(0, 0xF00D);
+    let (fa, fb) = (a.touch(), b.touch());
+    assert!(
+        fa <= SHARED_FAULTS && fb <= SHARED_FAULTS,
+        "guarded: {fa}, {fb} faults"
+    );
+    let st = fs.stat();
+    for o in [&a, &b] {
+        let row = st["regions"][0]["attached"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["pid"] == o.pid)
+            .cloned()
+            .unwrap();
+        assert_eq!(row["sharing"], true, "{row}");
+    }
+    // An unguarded attacher's VMA lacks VM_UFFD_MISSING: it builds its own tables.
+    let mut plain = Ops::start("unguarded", &path);
+    let fp = plain.touch();
+    let st = fs.stat();
+    let row = st["regions"][0]["attached"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["pid"] == plain.pid)
+        .cloned()
+        .unwrap();
+    assert_eq!(row["sharing"], false, "{row}");
+    assert!(
+        row["unshared"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("missing [um]"),
+        "{row}"
+    );
+    assert!(fp >= 2 * PAGES_PER_GIB - 2, "unguarded: {fp} faults");
+    drop(plain);
+
+    let mut unmap = MshareUnmap {
+        region_offset: GIB,
+        size: 2 * MIB,
+    };
+    kernel_glue::fd::ioctl_ptr(&fd, uapi::MSHAREFS_UNMAP, &mut unmap).unwrap();
+    let r = b.try_cmd(&format!("read_into {GIB}"));
+    assert_eq!(r["errno"], kernel_glue::errnos::EFAULT, "{r}");
+    let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    let w = file.write_at(&[1u8; 8], GIB).unwrap_err();
+    assert_eq!(
+        w.raw_os_error(),
+        Some(kernel_glue::errnos::EFAULT),
+        "FUSE write: {w}"
+    );
+    assert_eq!(b.load(0), 0xF00D, "outside the range");
+    b.h.write_line(&format!("load {GIB}")).unwrap();
+    assert!(b.h.read_json(LIMIT).is_err(), "B read the unmapped page");
+    let status = b.h.wait(LIMIT).unwrap();
+    assert_eq!(status.signal(), Some(7), "B: {status:?}");
+    // The object again: the range is usable, zeroed, and A still shares.
+    create.region_offset = GIB;
+    create.size = 4096;
+    kernel_glue::fd::ioctl_ptr(&fd, uapi::MSHAREFS_CREATE_MAPPING, &mut create).unwrap();
+    assert_eq!(a.load(GIB), 0);
+    let fa = a.touch();
+    assert!(fa <= SHARED_FAULTS, "A after the new object: {fa} faults");
+    loud(&format!(
+        "unmap guard: guarded attachers {fb} faults for 2 GiB, an unguarded one {fp}; \
+         touch after UNMAP: SIGBUS; read(2): EFAULT"
+    ));
+}

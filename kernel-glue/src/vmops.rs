@@ -157,6 +157,36 @@ pub fn process_vm_readv(pid: u32, remote_addr: usize, buf: &mut [u8]) -> io::Res
     check_retval(r).map(|r| r as usize)
 }
 
+/// Copies `data` into `[offset, offset + data.len())` of `m` with `process_vm_writev(2)` on
+/// this process: the kernel does the copy, so a page it cannot fault in (a hole of a
+/// mapping registered for userfaultfd `SIGBUS`) fails the call with `EFAULT` instead of
+/// raising a signal.
+///
+/// # Errors
+/// `EINVAL` out of range; `EACCES` for a read-only mapping; `EFAULT`; a short copy is
+/// `EFAULT` too.
+pub fn write_through_kernel(m: &Mapping, offset: u64, data: &[u8]) -> io::Result<()> {
+    if m.protection() != crate::mapping::Protection::ReadWrite {
+        return Err(crate::errno(libc::EACCES));
+    }
+    let (p, n) = span(m, offset, data.len() as u64)?;
+    let local = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: n,
+    };
+    let remote = libc::iovec {
+        iov_base: p,
+        iov_len: n,
+    };
+    // SAFETY: `local` describes `data`, which the kernel only reads; the target range is
+    // inside our writable mapping and no Rust reference points into it.
+    let r = unsafe { libc::process_vm_writev(libc::getpid(), &local, 1, &remote, 1, 0) };
+    if check_retval(r)? as usize != n {
+        return Err(crate::errno(libc::EFAULT));
+    }
+    Ok(())
+}
+
 /// The result of [`fork`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Forked {
@@ -255,6 +285,8 @@ mod tests {
         let me = std::process::id();
         assert_eq!(process_vm_readv(me, m.addr(), &mut buf).unwrap(), 8);
         assert_eq!(u64::from_ne_bytes(buf), 42);
+        write_through_kernel(&m, 8, &7u64.to_ne_bytes()).unwrap();
+        assert_eq!(m.load_u64(8).unwrap(), 7);
         mlock(&m, 0, 4096).unwrap();
         munlock(&m, 0, 4096).unwrap();
         madvise(&m, 0, 4096, Advice::Remove).unwrap();

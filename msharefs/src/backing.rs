@@ -200,9 +200,10 @@ impl Stores {
         }
     }
 
-    /// Discards the contents of `[offset, offset + len)` (they read as zero afterwards) and
-    /// allocates the range again, so it stays reserved, charged to `charge` as the
-    /// region's memory is.
+    /// Discards the contents of `[offset, offset + len)`: they read as zero afterwards.
+    /// With `refill` the range is allocated again at once, so it stays reserved; without,
+    /// it stays a hole (its pages go back to the pool or the page allocator) until
+    /// [`Stores::fill`].
     ///
     /// # Errors
     /// `fallocate` errors.
@@ -213,9 +214,30 @@ impl Stores {
         offset: u64,
         len: u64,
         charge: &[PathBuf],
+        refill: bool,
     ) -> io::Result<()> {
         let fd = self.open_file(s, ino, true)?;
         kfd::fallocate_punch_hole(&fd, offset, len)?;
+        if refill {
+            self.fill(s, ino, offset, len, charge)?;
+        }
+        Ok(())
+    }
+
+    /// Allocates `[offset, offset + len)` of a region's backing (a no-op where pages
+    /// exist), charged to the cgroups `charge` as the region's memory is.
+    ///
+    /// # Errors
+    /// `fallocate` errors (`ENOSPC` when huge pages or tmpfs space cannot be had).
+    pub fn fill(
+        &self,
+        s: Store,
+        ino: u64,
+        offset: u64,
+        len: u64,
+        charge: &[PathBuf],
+    ) -> io::Result<()> {
+        let fd = self.open_file(s, ino, true)?;
         match cgroup::fallocate_in(charge, &fd, offset, len) {
             // The region's cgroup is gone: its parent inherited the charges; the daemon
             // pays for the new pages.

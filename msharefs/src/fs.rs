@@ -164,7 +164,17 @@ pub struct Core {
     /// no limit. Sized regions pin memory (huge pages or tmpfs), so without a limit any
     /// local user could take most of the machine.
     pub user_quota: Option<u64>,
+    /// The `MSHAREFS_UNMAP` guard (`mshare::guard`, `docs/KERNEL.md`): `UNMAP` leaves a
+    /// hole (a guarded attacher that touches it gets `SIGBUS`), `CREATE_MAPPING` fills
+    /// it again, and the host mappings are registered as guarded attachers' are, so they
+    /// keep sharing tables. Off until the attach paths arm the guard (an unguarded
+    /// attacher shares nothing with guarded host mappings); on with the environment
+    /// variable `MSHAREFS_UNMAP_GUARD=1` at mount.
+    pub unmap_guard: bool,
 }
+
+/// The environment variable that turns the unmap guard on (see [`Core::unmap_guard`]).
+pub const UNMAP_GUARD_ENV: &str = "MSHAREFS_UNMAP_GUARD";
 
 impl Core {
     /// A core over a loaded or new tree, with the per-user quota of region memory.
@@ -175,6 +185,7 @@ impl Core {
         socket_path: PathBuf,
         user_quota: Option<u64>,
     ) -> Core {
+        let unmap_guard = std::env::var_os(UNMAP_GUARD_ENV).is_some_and(|v| v == "1");
         Core {
             inner: Mutex::new(Inner {
                 tree,
@@ -184,12 +195,13 @@ impl Core {
                 busy: HashMap::new(),
             }),
             stores,
-            hostmm: HostMm::default(),
+            hostmm: HostMm::new(unmap_guard),
             state_file,
             socket_path,
             fuse_dev: OnceLock::new(),
             passthrough: OnceLock::new(),
             user_quota,
+            unmap_guard,
         }
     }
 
@@ -764,6 +776,14 @@ impl Core {
             return Err(EEXIST);
         }
         let (store, size) = (r.store, r.size);
+        if self.unmap_guard {
+            // UNMAP left holes: allocate the object's pages again, charged as the
+            // region's memory is.
+            let charge: Vec<PathBuf> = r.cgroup.iter().cloned().collect();
+            self.stores
+                .fill(store, ino, start, end - start, &charge)
+                .map_err(|e| errno_of(&e))?;
+        }
         if store == Store::Hugetlb {
             self.hostmm
                 .populate(ino, size, start, end - start, &self.opener(ino))
@@ -776,7 +796,8 @@ impl Core {
     }
 
     /// `MSHAREFS_UNMAP`: discards the range's contents in every attacher (they read as
-    /// zero afterwards) and removes the objects in it (trimming partly covered ones).
+    /// zero afterwards; with the unmap guard, a guarded attacher gets `SIGBUS`) and removes
+    /// the objects in it (trimming partly covered ones).
     pub fn unmap_range(&self, ino: u64, req: &uapi::MshareUnmap) -> FsResult<()> {
         let mut inner = self.lock();
         let node = inner.tree.get(ino).ok_or(ENOENT)?;
@@ -785,7 +806,7 @@ impl Core {
         let store = r.store;
         let charge: Vec<PathBuf> = r.cgroup.iter().cloned().collect();
         self.stores
-            .discard(store, ino, start, end - start, &charge)
+            .discard(store, ino, start, end - start, &charge, !self.unmap_guard)
             .map_err(|e| errno_of(&e))?;
         if let Some(r) = inner.tree.get_mut(ino).and_then(Node::region_mut) {
             let mut kept = std::collections::BTreeMap::new();
