@@ -149,6 +149,27 @@ impl Drop for HugetlbController {
     }
 }
 
+/// The requirements of a hugetlb cgroup test: root, the pool guard, this binary's
+/// controller lock and the v2 hugetlb controller enabled (`None`: skip, outside CI).
+fn with_hugetlb_controller(
+    what: &str,
+) -> Option<(
+    PoolGuard<'static>,
+    std::sync::MutexGuard<'static, ()>,
+    HugetlbController,
+)> {
+    if !require_privileged(what) {
+        return None;
+    }
+    let pool = PoolGuard::new();
+    let one = CONTROLLER.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(ctl) = HugetlbController::enable() else {
+        missing(what, "the hugetlb controller on the cgroup v2 hierarchy");
+        return None;
+    };
+    Some((pool, one, ctl))
+}
+
 /// Runs `mshare-probe --join DIR... ARGS` to completion; its JSON report or error.
 fn probe(join: &[&Path], args: &[&str]) -> Value {
     let mut a: Vec<&std::ffi::OsStr> = Vec::new();
@@ -267,14 +288,9 @@ fn thp_region_is_charged_to_its_creator() {
 #[test]
 #[ignore = "needs root: mounts msharefs, creates cgroups, grows the huge-page pool"]
 fn hugetlb_region_is_charged_to_its_creator() {
-    let what = "hugetlb_region_is_charged_to_its_creator";
-    if !require_privileged(what) {
-        return;
-    }
-    let _pool = PoolGuard::new();
-    let _one = CONTROLLER.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(ctl) = HugetlbController::enable() else {
-        missing(what, "the hugetlb controller on the cgroup v2 hierarchy");
+    let Some((_pool, _one, ctl)) =
+        with_hugetlb_controller("hugetlb_region_is_charged_to_its_creator")
+    else {
         return;
     };
     let cg = CgroupDir::new(&ctl.dir, "hugetlb");
@@ -291,17 +307,11 @@ fn hugetlb_region_is_charged_to_its_creator() {
 #[ignore = "needs root: mounts msharefs, creates cgroups, grows the huge-page pool"]
 fn a_region_larger_than_the_limit_fails_at_the_size_call() {
     let what = "a_region_larger_than_the_limit_fails_at_the_size_call";
-    if !require_privileged(what) {
-        return;
-    }
-    let _pool = PoolGuard::new();
-    let _one = CONTROLLER.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(mem) = own("memory") else {
-        missing(what, "a cgroup memory controller");
+    let Some((_pool, _one, ctl)) = with_hugetlb_controller(what) else {
         return;
     };
-    let Some(ctl) = HugetlbController::enable() else {
-        missing(what, "the hugetlb controller on the cgroup v2 hierarchy");
+    let Some(mem) = own("memory") else {
+        missing(what, "a cgroup memory controller");
         return;
     };
     let memcg = CgroupDir::new(&mem.dir, "limit");

@@ -84,6 +84,38 @@ impl Ops {
     }
 }
 
+/// Creates the 2 GiB hugetlb region `/region` and waits until the daemon has built its
+/// host tables, so attachers' faults count linking, not allocation.
+fn create_region(fs: &Msharefs) -> PathBuf {
+    let path = fs.path("region");
+    Create {
+        path: path.clone(),
+        size: SIZE,
+        mode: 0o600,
+        backing: "hugetlb".into(),
+    }
+    .run(probe_bin!())
+    .unwrap();
+    let deadline = Instant::now() + LIMIT;
+    while fs.stat()["regions"][0]["populated"].as_u64() != Some(SIZE) {
+        assert!(Instant::now() < deadline, "region not populated");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    path
+}
+
+/// The `stat --json` entry of attacher `pid` of the only region.
+fn attached_row(fs: &Msharefs, pid: u32) -> Value {
+    let st = fs.stat();
+    st["regions"][0]["attached"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["pid"] == pid)
+        .cloned()
+        .unwrap_or_else(|| panic!("pid {pid} not attached: {st}"))
+}
+
 /// A mount with one populated 2 GiB hugetlb region and two attachers that touched it.
 struct Setup {
     a: Ops,
@@ -95,21 +127,7 @@ struct Setup {
 impl Setup {
     fn new(tag: &str) -> Setup {
         let fs = Msharefs::mount(tag, &["--backing", "hugetlb"]);
-        let path = fs.path("region");
-        Create {
-            path: path.clone(),
-            size: SIZE,
-            mode: 0o600,
-            backing: "hugetlb".into(),
-        }
-        .run(probe_bin!())
-        .unwrap();
-        // The host tables are built in the background: wait, so faults count linking.
-        let deadline = Instant::now() + LIMIT;
-        while fs.stat()["regions"][0]["populated"].as_u64() != Some(SIZE) {
-            assert!(Instant::now() < deadline, "region not populated");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let path = create_region(&fs);
         let mut a = Ops::start("A", &path);
         let mut b = Ops::start("B", &path);
         for (i, off) in [0, 8, GIB, GIB + 8].into_iter().enumerate() {
@@ -122,14 +140,7 @@ impl Setup {
 
     /// The `stat --json` entry of `pid`.
     fn attached(&self, pid: u32) -> Value {
-        let st = self.fs.stat();
-        st["regions"][0]["attached"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|a| a["pid"] == pid)
-            .cloned()
-            .unwrap_or_else(|| panic!("pid {pid} not attached: {st}"))
+        attached_row(&self.fs, pid)
     }
 
     /// Whether stat says `pid` shares every slot it maps.
@@ -517,18 +528,7 @@ fn unmap_guard_signals_and_keeps_sharing() {
         &["--backing", "hugetlb"],
         &[("MSHAREFS_UNMAP_GUARD", "1")],
     );
-    let path = fs.path("region");
-    Create {
-        path: path.clone(),
-        size: SIZE,
-        mode: 0o600,
-        backing: "hugetlb".into(),
-    }
-    .run(probe_bin!())
-    .unwrap();
-    while fs.stat()["regions"][0]["populated"].as_u64() != Some(SIZE) {
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let path = create_region(&fs);
     let fd = kernel_glue::fd::open(&path, O_RDWR, 0).unwrap();
     let mut create = MshareCreate {
         region_offset: 0,
@@ -551,28 +551,14 @@ fn unmap_guard_signals_and_keeps_sharing() {
         fa <= SHARED_FAULTS && fb <= SHARED_FAULTS,
         "guarded: {fa}, {fb} faults"
     );
-    let st = fs.stat();
     for o in [&a, &b] {
-        let row = st["regions"][0]["attached"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|r| r["pid"] == o.pid)
-            .cloned()
-            .unwrap();
+        let row = attached_row(&fs, o.pid);
         assert_eq!(row["sharing"], true, "{row}");
     }
     // An unguarded attacher's VMA lacks VM_UFFD_MISSING: it builds its own tables.
     let mut plain = Ops::start("unguarded", &path);
     let fp = plain.touch();
-    let st = fs.stat();
-    let row = st["regions"][0]["attached"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["pid"] == plain.pid)
-        .cloned()
-        .unwrap();
+    let row = attached_row(&fs, plain.pid);
     assert_eq!(row["sharing"], false, "{row}");
     assert!(
         row["unshared"][0]["reason"]

@@ -216,7 +216,7 @@ pub fn headroom(m: &Membership, controller: &str) -> Option<u64> {
 }
 
 /// Allocates `[offset, offset + len)` of the file `fd` (`fallocate(fd, 0, offset, len)`)
-/// in a child process
+/// in a child process (sharing this process's descriptor table)
 /// that first moves itself into each cgroup directory of `join` (so the memory is charged
 /// there) and makes itself the first choice of the OOM killer (`oom_score_adj` 1000), so
 /// that if an allocation overruns a memory limit the kernel kills the child, not another
@@ -237,11 +237,19 @@ pub fn fallocate_in(join: &[PathBuf], fd: impl AsFd, offset: u64, len: u64) -> i
     }
     let oom = c"/proc/self/oom_score_adj";
     let raw = fd.as_fd().as_raw_fd();
-    // Everything the child needs is prepared above: after fork it makes system calls only.
-    // SAFETY: fork duplicates the process; the child below calls only async-signal-safe
-    // system calls (open, write, close, fallocate, _exit) on memory prepared before the
-    // fork, never allocates, locks or returns, so the other threads' state cannot matter.
-    let pid = check_retval(unsafe { libc::fork() })?;
+    // The child shares our descriptor table (CLONE_FILES) instead of copying it: a copy
+    // would be closed when the child exits, and closing a copy of a file on a FUSE mount
+    // sends FLUSH to its server, which may be this very process, busy waiting for the
+    // child (a deadlock the concurrency test found). Its memory is its own (no CLONE_VM),
+    // so it can join a memory cgroup without taking this process with it.
+    // Everything the child needs is prepared above: it makes system calls only.
+    // SAFETY: clone without CLONE_VM duplicates the address space like fork; the child
+    // below calls only async-signal-safe system calls (open, write, close, fallocate,
+    // _exit) on memory prepared before, never allocates, locks or returns, so the other
+    // threads' state cannot matter; the descriptors it opens it closes itself.
+    let flags = (libc::CLONE_FILES | libc::SIGCHLD) as libc::c_ulong;
+    let pid =
+        check_retval(unsafe { libc::syscall(libc::SYS_clone, flags, 0, 0, 0, 0) })? as libc::pid_t;
     if pid == 0 {
         // SAFETY: see above; every pointer is a valid C string or buffer owned by the
         // parent's (copied) memory.
