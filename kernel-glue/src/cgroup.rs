@@ -243,13 +243,13 @@ pub fn fallocate_in(join: &[PathBuf], fd: impl AsFd, offset: u64, len: u64) -> i
     // child (a deadlock the concurrency test found). Its memory is its own (no CLONE_VM),
     // so it can join a memory cgroup without taking this process with it.
     // Everything the child needs is prepared above: it makes system calls only.
+    let flags = (libc::CLONE_FILES | libc::SIGCHLD) as libc::c_ulong;
     // SAFETY: clone without CLONE_VM duplicates the address space like fork; the child
     // below calls only async-signal-safe system calls (open, write, close, fallocate,
     // _exit) on memory prepared before, never allocates, locks or returns, so the other
     // threads' state cannot matter; the descriptors it opens it closes itself.
-    let flags = (libc::CLONE_FILES | libc::SIGCHLD) as libc::c_ulong;
-    let pid =
-        check_retval(unsafe { libc::syscall(libc::SYS_clone, flags, 0, 0, 0, 0) })? as libc::pid_t;
+    let ret = unsafe { libc::syscall(libc::SYS_clone, flags, 0, 0, 0, 0) };
+    let pid = check_retval(ret)? as libc::pid_t;
     if pid == 0 {
         // SAFETY: see above; every pointer is a valid C string or buffer owned by the
         // parent's (copied) memory.
