@@ -712,6 +712,22 @@ pub mod helper {
             })
         }
 
+        /// Writes `line` and a newline to the child's standard input.
+        ///
+        /// # Errors
+        /// [`HelperError::Io`] when the pipe is closed or broken.
+        pub fn write_line(&mut self, line: &str) -> Result<(), HelperError> {
+            use std::io::Write;
+            let r = match self.stdin.as_mut() {
+                Some(stdin) => writeln!(stdin, "{line}").and_then(|()| stdin.flush()),
+                None => Err(std::io::Error::from(std::io::ErrorKind::BrokenPipe)),
+            };
+            r.map_err(|source| HelperError::Io {
+                name: self.name.clone(),
+                source,
+            })
+        }
+
         /// Closes the child's standard input (the probe's signal to let go and exit).
         pub fn close_stdin(&mut self) {
             drop(self.stdin.take());

@@ -97,6 +97,7 @@ pub struct Msharefs {
     root: TempDir,
     bin: PathBuf,
     args: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 impl Msharefs {
@@ -105,6 +106,15 @@ impl Msharefs {
     /// # Panics
     /// When the mount fails (the daemon's log is printed).
     pub fn mount(tag: &str, args: &[&str]) -> Msharefs {
+        Msharefs::mount_with_env(tag, args, &[])
+    }
+
+    /// Mounts msharefs with extra `mount` arguments and environment variables for the
+    /// daemon (e.g. `MSHAREFS_UNMAP_GUARD=1`).
+    ///
+    /// # Panics
+    /// When the mount fails (the daemon's log is printed).
+    pub fn mount_with_env(tag: &str, args: &[&str], env: &[(&str, &str)]) -> Msharefs {
         let root = TempDir::new(tag).expect("temp dir");
         // Other users must reach the mount point for permission tests.
         std::fs::set_permissions(
@@ -117,6 +127,10 @@ impl Msharefs {
             root,
             bin: msharefs_bin(),
             args: args.iter().map(|s| s.to_string()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         m.start();
         m
@@ -133,6 +147,7 @@ impl Msharefs {
             .arg("--state-dir")
             .arg(self.state_dir())
             .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .output()
             .expect("run msharefs mount");
         assert!(

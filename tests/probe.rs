@@ -21,7 +21,7 @@ use msharefs_tests::probe::{
     AttachReport, CreateReport, ProbeError, pattern_offsets, pattern_word,
 };
 
-const USAGE: &str = "usage:
+const USAGE: &str = "usage: mshare-probe [--join CGROUP_DIR]... COMMAND
   mshare-probe attach PATH [--prot rw|ro] [--shift BYTES] [--stride BYTES]
                       [--write-pattern SEED] [--check-pattern SEED] [--touch]
                       [--hold-until-stdin-closes]
@@ -278,8 +278,21 @@ fn fail(step: &str, err: Option<&io::Error>, code: u8) -> ExitCode {
     ExitCode::from(code)
 }
 
+/// Moves this process into the cgroup directory `dir` (writing "0" to its
+/// `cgroup.procs` moves the writer), so what it allocates is charged there.
+fn join_cgroup(dir: &str) -> io::Result<()> {
+    std::fs::write(PathBuf::from(dir).join("cgroup.procs"), "0")
+}
+
 fn main() -> ExitCode {
-    let mut args = std::env::args().skip(1);
+    let mut args = std::env::args().skip(1).peekable();
+    while args.peek().map(String::as_str) == Some("--join") {
+        args.next();
+        let dir = args.next().unwrap_or_default();
+        if let Err(e) = join_cgroup(&dir) {
+            return fail(&format!("join cgroup {dir}"), Some(&e), 1);
+        }
+    }
     match args.next().as_deref() {
         Some("attach") => {
             let a = match parse_attach(args) {

@@ -10,6 +10,7 @@
 
 pub mod bench_sys;
 pub mod caps;
+pub mod cgroup;
 pub mod fd;
 pub mod hugepages;
 pub mod ipc;
@@ -19,6 +20,10 @@ pub mod process;
 pub mod procfs;
 pub mod shim_sys;
 pub mod socket;
+pub mod uffd;
+#[cfg(feature = "uring")]
+pub mod uring;
+pub mod vmops;
 
 use std::io;
 

@@ -152,6 +152,46 @@ pub fn maps(pid: u32) -> io::Result<Vec<MapsEntry>> {
     Ok(t.lines().filter_map(parse_maps_line).collect())
 }
 
+/// One VMA of `/proc/PID/smaps` with its `VmFlags` (two-letter mnemonics such as `rd`,
+/// `wr`, `sh`, `ht`, `lo`, `uw`), the kernel's own record of the flags it compares when
+/// it decides whether two mappings may share page tables.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SmapsVma {
+    /// The VMA, as in `/proc/PID/maps`.
+    pub vma: MapsEntry,
+    /// Its `VmFlags` mnemonics, in the kernel's order.
+    pub vm_flags: Vec<String>,
+}
+
+/// The VMAs of a process from `/proc/PID/smaps`, each with its `VmFlags`; only those for
+/// which `keep` is true (so a report reads the flags of the mappings it cares about).
+///
+/// # Errors
+/// `ENOENT` for a gone process.
+pub fn smaps_vmas(pid: u32, keep: impl Fn(&MapsEntry) -> bool) -> io::Result<Vec<SmapsVma>> {
+    let t = std::fs::read_to_string(format!("/proc/{pid}/smaps"))?;
+    Ok(parse_smaps_vmas(&t, keep))
+}
+
+fn parse_smaps_vmas(text: &str, keep: impl Fn(&MapsEntry) -> bool) -> Vec<SmapsVma> {
+    let mut out = Vec::new();
+    let mut current: Option<MapsEntry> = None;
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("VmFlags:") {
+            if let Some(vma) = current.take() {
+                let vm_flags = rest.split_ascii_whitespace().map(str::to_string).collect();
+                out.push(SmapsVma { vma, vm_flags });
+            }
+            continue;
+        }
+        // A header line parses as a maps line; field lines ("Rss:   4 kB") do not.
+        if let Some(e) = parse_maps_line(line) {
+            current = keep(&e).then_some(e);
+        }
+    }
+    out
+}
+
 /// Every process (pid, command name) that maps any of the files `(dev, ino)` in `files`,
 /// with the VMAs that map them: one pass over `/proc` answers for many files. Processes
 /// that vanish during the scan are skipped.
@@ -304,5 +344,17 @@ mod tests {
         assert_eq!(e.offset, 1 << 30);
         assert_eq!(e.dev, libc::makedev(0, 0x2d));
         assert_eq!(e.path, "/run/x y/z");
+    }
+
+    #[test]
+    fn parses_smaps_vm_flags() {
+        let t = "40000000-80000000 rw-s 00000000 00:2d 7   /b/1\nSize: 1048576 kB\n\
+                 KernelPageSize: 2048 kB\nVmFlags: rd wr sh mr mw me ms de ht uw \n\
+                 7f00-8000 r--p 00000000 00:00 0 \nRss: 4 kB\nVmFlags: rd mr mw me \n";
+        let v = parse_smaps_vmas(t, |e| e.ino == 7);
+        assert_eq!(v.len(), 1);
+        assert_eq!(v[0].vma.start, 0x4000_0000);
+        assert_eq!(v[0].vm_flags.last().map(String::as_str), Some("uw"));
+        assert_eq!(parse_smaps_vmas(t, |_| true).len(), 2);
     }
 }

@@ -8,6 +8,7 @@
 pub mod anon;
 pub mod cstr;
 pub mod ffi;
+pub mod guard;
 pub mod interpose;
 pub mod region;
 pub mod uapi;

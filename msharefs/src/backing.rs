@@ -9,14 +9,15 @@
 //! The mounts are kept when the daemon exits: they hold the region data, which must
 //! survive a daemon restart or crash.
 
+pub mod charge;
+
 use std::io;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
 use kernel_glue::errnos::*;
-use kernel_glue::mapping::{Mapping, Protection};
 use kernel_glue::mount::InstanceMount;
-use kernel_glue::{consts, fd as kfd, hugepages};
+use kernel_glue::{cgroup, consts, fd as kfd, hugepages};
 
 use crate::state::Store;
 
@@ -148,56 +149,103 @@ impl Stores {
         }
     }
 
-    /// Sets the size of a region's backing once and reserves all of its memory, so a
-    /// shortage fails here rather than as a SIGBUS in an attacher later.
+    /// Sets the size of a region's backing once and allocates all of its memory, in a
+    /// child process that joins the cgroups in `charge` first, so the memory is charged
+    /// there (`kernel_glue::cgroup::fallocate_in`), and a shortage fails here rather than
+    /// as a SIGBUS in an attacher later.
     ///
-    /// - hugetlb: grows the pool by `size / 2 MiB` pages, sets the file size and maps it
-    ///   shared once, which reserves every page (the reservation stays with the file).
-    /// - thp, shmem: sets the size and allocates every page with `fallocate`.
+    /// - hugetlb: grows the pool by `size / 2 MiB` pages, sets the file size and allocates
+    ///   every huge page (charged, with its reservation, to the hugetlb controller);
+    /// - thp, shmem: sets the size and allocates every page (memory controller).
     ///
     /// On failure nothing stays allocated and the pool is as before.
     ///
     /// # Errors
-    /// `ENOMEM` when huge pages cannot be had; `ENOSPC` when tmpfs is full.
-    pub fn reserve(&self, s: Store, ino: u64, size: u64) -> io::Result<Reserved> {
+    /// `ENOMEM` when huge pages cannot be had (pool or hugetlb limit) or the memory limit
+    /// is reached; `ENOSPC` when tmpfs is full.
+    pub fn reserve(
+        &self,
+        s: Store,
+        ino: u64,
+        size: u64,
+        charge: &[PathBuf],
+    ) -> io::Result<Reserved> {
         let fd = self.open_file(s, ino, true)?;
+        let fill = || {
+            kfd::ftruncate(&fd, size)?;
+            cgroup::fallocate_in(charge, &fd, 0, size).inspect_err(|_| {
+                // Frees what the child allocated before it failed.
+                let _ = kfd::ftruncate(&fd, 0);
+            })
+        };
         match s {
             Store::Hugetlb => {
-                // A shared hugetlb mapping reserves every page of the range, and the
-                // reservation stays with the file after the mapping is gone. Done under
-                // the pool lock, so a concurrent give-back cannot free the new pages first.
+                // Under the pool lock, so a concurrent give-back cannot free the new pages
+                // first. hugetlbfs says ENOSPC for a hugetlb cgroup limit too: for huge
+                // pages that is ENOMEM, as for an empty pool.
                 let (grant, ()) = hugepages::grow_then(size / kernel_glue::HUGE_PAGE_SIZE, || {
-                    kfd::ftruncate(&fd, size)?;
-                    Mapping::map_aligned(&fd, size, Protection::ReadWrite, kernel_glue::PUD_SIZE)
-                        .map(drop)
-                        .inspect_err(|_| {
-                            let _ = kfd::ftruncate(&fd, 0);
-                        })
+                    fill().map_err(|e| match e.raw_os_error() {
+                        Some(ENOSPC) => kernel_glue::errno(ENOMEM),
+                        _ => e,
+                    })
                 })?;
                 Ok(Reserved {
                     pool_pages: grant.into_raw(),
                 })
             }
             Store::Thp | Store::Shmem => {
-                kfd::ftruncate(&fd, size)?;
-                if let Err(e) = kfd::fallocate(&fd, 0, size) {
-                    let _ = kfd::ftruncate(&fd, 0);
-                    return Err(e);
-                }
+                fill()?;
                 Ok(Reserved { pool_pages: 0 })
             }
         }
     }
 
-    /// Discards the contents of `[offset, offset + len)` (they read as zero afterwards) and
-    /// allocates the range again, so it stays reserved.
+    /// Discards the contents of `[offset, offset + len)`: they read as zero afterwards.
+    /// With `refill` the range is allocated again at once, so it stays reserved; without,
+    /// it stays a hole (its pages go back to the pool or the page allocator) until
+    /// [`Stores::fill`].
     ///
     /// # Errors
     /// `fallocate` errors.
-    pub fn discard(&self, s: Store, ino: u64, offset: u64, len: u64) -> io::Result<()> {
+    pub fn discard(
+        &self,
+        s: Store,
+        ino: u64,
+        offset: u64,
+        len: u64,
+        charge: &[PathBuf],
+        refill: bool,
+    ) -> io::Result<()> {
         let fd = self.open_file(s, ino, true)?;
         kfd::fallocate_punch_hole(&fd, offset, len)?;
-        kfd::fallocate(&fd, offset, len)
+        if refill {
+            self.fill(s, ino, offset, len, charge)?;
+        }
+        Ok(())
+    }
+
+    /// Allocates `[offset, offset + len)` of a region's backing (a no-op where pages
+    /// exist), charged to the cgroups `charge` as the region's memory is.
+    ///
+    /// # Errors
+    /// `fallocate` errors (`ENOSPC` when huge pages or tmpfs space cannot be had).
+    pub fn fill(
+        &self,
+        s: Store,
+        ino: u64,
+        offset: u64,
+        len: u64,
+        charge: &[PathBuf],
+    ) -> io::Result<()> {
+        let fd = self.open_file(s, ino, true)?;
+        match cgroup::fallocate_in(charge, &fd, offset, len) {
+            // The region's cgroup is gone: its parent inherited the charges; the daemon
+            // pays for the new pages.
+            Err(e) if e.raw_os_error() == Some(ENOENT) && !charge.is_empty() => {
+                kfd::fallocate(&fd, offset, len)
+            }
+            r => r,
+        }
     }
 }
 

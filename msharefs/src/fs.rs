@@ -16,7 +16,7 @@ use kernel_glue::mapping::Protection;
 use kernel_glue::{consts, fd as kfd};
 use mshare::{Backing, uapi};
 
-use crate::backing::Stores;
+use crate::backing::{Stores, charge};
 use crate::hostmm::HostMm;
 use crate::shm::PosixFiles;
 use crate::state::{INFO_INO, Node, NodeKind, RegionMeta, ShmOrigin, Store, Tree};
@@ -34,15 +34,23 @@ pub fn info_text() -> String {
     format!("{}\n", uapi::MSHARE_GRANULE)
 }
 
-/// Checks an object range of an ioctl against a region (size set, non-empty, page-aligned,
-/// inside the region, no overflow); returns its end.
-fn object_range(r: &RegionMeta, offset: u64, size: u64) -> FsResult<u64> {
+/// Checks an object range of an ioctl against a region and returns it as the region
+/// holds it: `[offset, end)` with `end` rounded up to the region's page size.
+///
+/// The region's pages are the unit, as the kernel's hugetlb mappings make them: an
+/// object or unmap range must start on a page boundary of the region (`EINVAL`
+/// otherwise, as `mmap(MAP_FIXED|MAP_HUGETLB)` at an unaligned address is) and its size is
+/// rounded up to whole pages (as a hugetlb `mmap` rounds its length), so a 4 KiB object
+/// of a hugetlb region occupies one 2 MiB page. The size must be set, the range non-empty
+/// and inside the region (overflow-safe).
+fn object_range(r: &RegionMeta, offset: u64, size: u64) -> FsResult<(u64, u64)> {
     let page = r.store.page_size();
     let end = offset.checked_add(size).ok_or(EINVAL)?;
-    if r.size == 0 || size == 0 || end > r.size || offset % page != 0 || size % page != 0 {
+    if r.size == 0 || size == 0 || end > r.size || offset % page != 0 {
         return Err(EINVAL);
     }
-    Ok(end)
+    // r.size is a multiple of the page size, so the rounded end stays inside the region.
+    Ok((offset, end.div_ceil(page) * page))
 }
 
 /// A node's region metadata; `EISDIR`/`EPERM` for a directory or `mshare_info`.
@@ -168,7 +176,17 @@ pub struct Core {
     /// no limit. Sized regions pin memory (huge pages or tmpfs), so without a limit any
     /// local user could take most of the machine.
     pub user_quota: Option<u64>,
+    /// The `MSHAREFS_UNMAP` guard (`mshare::guard`, `docs/KERNEL.md`): `UNMAP` leaves a
+    /// hole (a guarded attacher that touches it gets `SIGBUS`), `CREATE_MAPPING` fills
+    /// it again, and the host mappings are registered as guarded attachers' are, so they
+    /// keep sharing tables. Off until the attach paths arm the guard (an unguarded
+    /// attacher shares nothing with guarded host mappings); on with the environment
+    /// variable `MSHAREFS_UNMAP_GUARD=1` at mount.
+    pub unmap_guard: bool,
 }
+
+/// The environment variable that turns the unmap guard on (see [`Core::unmap_guard`]).
+pub const UNMAP_GUARD_ENV: &str = "MSHAREFS_UNMAP_GUARD";
 
 impl Core {
     /// A core over a loaded or new tree, with the per-user quota of region memory.
@@ -179,6 +197,7 @@ impl Core {
         socket_path: PathBuf,
         user_quota: Option<u64>,
     ) -> Core {
+        let unmap_guard = std::env::var_os(UNMAP_GUARD_ENV).is_some_and(|v| v == "1");
         Core {
             inner: Mutex::new(Inner {
                 tree,
@@ -188,7 +207,7 @@ impl Core {
                 busy: HashMap::new(),
             }),
             stores,
-            hostmm: HostMm::default(),
+            hostmm: HostMm::new(unmap_guard),
             state_file,
             socket_path,
             fuse_dev: OnceLock::new(),
@@ -197,6 +216,7 @@ impl Core {
             posix: PosixFiles::default(),
             notifier: OnceLock::new(),
             user_quota,
+            unmap_guard,
         }
     }
 
@@ -476,14 +496,17 @@ impl Core {
     /// A region owned by a uid other than root may not take its owner past
     /// `user_quota`: `EDQUOT`, with nothing reserved. The owner, not the caller, is
     /// charged: the memory stays theirs for as long as the region lives.
-    pub fn set_size(&self, ino: u64, size: u64) -> FsResult<()> {
-        self.reserve_size(ino, size, size)
+    ///
+    /// The memory itself is allocated in the cgroups of `pid`, the process that set the
+    /// size, and charged there (`backing::charge`); a size they cannot hold is `ENOMEM`.
+    pub fn set_size(&self, ino: u64, size: u64, pid: u32) -> FsResult<()> {
+        self.reserve_size(ino, size, size, pid)
     }
 
     /// [`Core::set_size`] with a `length` that need not be a page multiple: the region
     /// gets `length` rounded up to its page size and `fstat` reports `length` (POSIX and
     /// System V segments keep the size their program asked for).
-    pub fn set_length(&self, ino: u64, length: u64) -> FsResult<()> {
+    pub fn set_length(&self, ino: u64, length: u64, pid: u32) -> FsResult<()> {
         let page = {
             let inner = self.lock();
             region_meta(inner.tree.get(ino).ok_or(ENOENT)?)?
@@ -491,10 +514,10 @@ impl Core {
                 .page_size()
         };
         let size = length.checked_next_multiple_of(page).ok_or(EINVAL)?;
-        self.reserve_size(ino, size, length)
+        self.reserve_size(ino, size, length, pid)
     }
 
-    fn reserve_size(&self, ino: u64, size: u64, length: u64) -> FsResult<()> {
+    fn reserve_size(&self, ino: u64, size: u64, length: u64, pid: u32) -> FsResult<()> {
         let store = {
             let mut inner = self.lock();
             let node = inner.tree.get(ino).ok_or(ENOENT)?;
@@ -525,14 +548,17 @@ impl Core {
             inner.busy.insert(ino, Reservation { uid, size });
             store
         };
-        // Reserving can take seconds (tmpfs zeroes every page): do it unlocked.
-        let reserved = self.stores.reserve(store, ino, size);
+        // Reserving can take seconds (every page is zeroed): do it unlocked.
+        let reserved = charge::for_request(pid, store, size).and_then(|c| {
+            let r = self.stores.reserve(store, ino, size, &c.join);
+            r.map(|r| (r, c.shown)).map_err(|e| {
+                log::info!("region {ino}: size {size} refused: {e}");
+                errno_of(&e)
+            })
+        });
         let mut inner = self.lock();
         inner.busy.remove(&ino);
-        let reserved = reserved.map_err(|e| {
-            log::info!("region {ino}: size {size} refused: {e}");
-            errno_of(&e)
-        })?;
+        let (reserved, cgroup) = reserved?;
         let Some(r) = inner.tree.get_mut(ino).and_then(Node::region_mut) else {
             // Unlinked meanwhile and already destroyed: give everything back.
             let _ = kernel_glue::hugepages::give_back(reserved.pool_pages);
@@ -541,6 +567,7 @@ impl Core {
         r.size = size;
         r.length = if length == size { 0 } else { length };
         r.pool_pages = reserved.pool_pages;
+        r.cgroup = cgroup;
         if store == Store::Hugetlb {
             // The memory is reserved; without host tables attaches still work, only slower.
             if let Err(e) = self.hostmm.install(ino, size, &self.opener(ino)) {
@@ -789,47 +816,54 @@ impl Core {
         if prot & !(consts::PROT_READ | consts::PROT_WRITE | consts::PROT_EXEC) != 0 {
             return Err(EINVAL);
         }
-        let end = object_range(r, req.region_offset, req.size)?;
-        let overlaps = r
-            .objects
-            .iter()
-            .any(|(&o, &s)| o < end && req.region_offset < o + s);
+        let (start, end) = object_range(r, req.region_offset, req.size)?;
+        let overlaps = r.objects.iter().any(|(&o, &s)| o < end && start < o + s);
         if overlaps {
             return Err(EEXIST);
         }
         let (store, size) = (r.store, r.size);
+        if self.unmap_guard {
+            // UNMAP left holes: allocate the object's pages again, charged as the
+            // region's memory is.
+            let charge: Vec<PathBuf> = r.cgroup.iter().cloned().collect();
+            self.stores
+                .fill(store, ino, start, end - start, &charge)
+                .map_err(|e| errno_of(&e))?;
+        }
         if store == Store::Hugetlb {
             self.hostmm
-                .populate(ino, size, req.region_offset, req.size, &self.opener(ino))
+                .populate(ino, size, start, end - start, &self.opener(ino))
                 .map_err(|e| errno_of(&e))?;
         }
         if let Some(r) = inner.tree.get_mut(ino).and_then(Node::region_mut) {
-            r.objects.insert(req.region_offset, req.size);
+            r.objects.insert(start, end - start);
         }
         self.persist(&inner)
     }
 
     /// `MSHAREFS_UNMAP`: discards the range's contents in every attacher (they read as
-    /// zero afterwards) and removes the objects in it (trimming partly covered ones).
+    /// zero afterwards; with the unmap guard, a guarded attacher gets `SIGBUS`) and removes
+    /// the objects in it (trimming partly covered ones).
     pub fn unmap_range(&self, ino: u64, req: &uapi::MshareUnmap) -> FsResult<()> {
         let mut inner = self.lock();
         let node = inner.tree.get(ino).ok_or(ENOENT)?;
         let r = node.region().ok_or(ENOTTY)?;
-        let end = object_range(r, req.region_offset, req.size)?;
+        let (start, end) = object_range(r, req.region_offset, req.size)?;
         let store = r.store;
+        let charge: Vec<PathBuf> = r.cgroup.iter().cloned().collect();
         self.stores
-            .discard(store, ino, req.region_offset, req.size)
+            .discard(store, ino, start, end - start, &charge, !self.unmap_guard)
             .map_err(|e| errno_of(&e))?;
         if let Some(r) = inner.tree.get_mut(ino).and_then(Node::region_mut) {
             let mut kept = std::collections::BTreeMap::new();
             for (&o, &s) in &r.objects {
                 let oend = o + s;
-                if oend <= req.region_offset || o >= end {
+                if oend <= start || o >= end {
                     kept.insert(o, s);
                     continue;
                 }
-                if o < req.region_offset {
-                    kept.insert(o, req.region_offset - o);
+                if o < start {
+                    kept.insert(o, start - o);
                 }
                 if oend > end {
                     kept.insert(end, oend - end);

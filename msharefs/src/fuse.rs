@@ -198,7 +198,7 @@ impl Filesystem for MshareFuse {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -217,7 +217,7 @@ impl Filesystem for MshareFuse {
         let core = &self.core;
         let mut r = Ok(());
         if let Some(s) = size {
-            r = core.set_size(ino.0, s);
+            r = core.set_size(ino.0, s, req.pid());
         }
         if r.is_ok() && (mode.is_some() || uid.is_some() || gid.is_some()) {
             r = core.set_owner_mode(ino.0, mode, uid, gid);
@@ -592,7 +592,7 @@ impl Filesystem for MshareFuse {
 
     fn fallocate(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
@@ -606,7 +606,7 @@ impl Filesystem for MshareFuse {
         } else if offset != 0 {
             Err(libc_errno::EINVAL)
         } else {
-            self.core.set_size(ino.0, length)
+            self.core.set_size(ino.0, length, req.pid())
         };
         reply_empty(r, reply)
     }

@@ -23,8 +23,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use kernel_glue::PUD_SIZE;
 use kernel_glue::mapping::{Mapping, Protection};
+use kernel_glue::uffd::{self, Userfaultfd};
+use kernel_glue::{HUGE_PAGE_SIZE, PUD_SIZE, errnos, vmops};
 
 use crate::tablecache::{Policy, SlotKey, TableCache, slots_of};
 
@@ -58,6 +59,9 @@ struct RegionState {
 struct Host {
     model: TableCache,
     maps: HashMap<SlotKey, Arc<Mapping>>,
+    /// With the unmap guard: each host mapping's userfaultfd registration (see
+    /// [`HostMm::new`]).
+    guards: HashMap<SlotKey, Userfaultfd>,
     regions: HashMap<u64, RegionState>,
 }
 
@@ -80,6 +84,31 @@ pub struct HostRegionStats {
 #[derive(Debug, Default)]
 pub struct HostMm {
     host: Mutex<Host>,
+    /// Register every host mapping for userfaultfd missing faults with `SIGBUS`, as
+    /// guarded attachers do (`mshare::guard`): the kernel shares tables only between
+    /// mappings with equal flags, and the guard's flag is one of them.
+    guard: bool,
+}
+
+/// Faults in `[off, off + len)` of a host mapping. With the unmap guard a page missing from
+/// the file (a range `MSHAREFS_UNMAP` punched out) fails with `EFAULT` instead of being
+/// allocated: such pages are skipped, 2 MiB at a time.
+fn populate(m: &Mapping, off: u64, len: u64, guard: bool) -> io::Result<()> {
+    match m.populate(off, len) {
+        Err(e) if guard && e.raw_os_error() == Some(errnos::EFAULT) => {
+            let mut at = off;
+            while at < off + len {
+                let n = HUGE_PAGE_SIZE.min(off + len - at);
+                match m.populate(at, n) {
+                    Err(e) if e.raw_os_error() == Some(errnos::EFAULT) => {}
+                    r => r?,
+                }
+                at += n;
+            }
+            Ok(())
+        }
+        r => r,
+    }
 }
 
 fn slot_range(size: u64, slot: u32) -> (u64, u64) {
@@ -88,6 +117,15 @@ fn slot_range(size: u64, slot: u32) -> (u64, u64) {
 }
 
 impl HostMm {
+    /// The host mm; `guard`: register host mappings as guarded attachers do (see
+    /// [`HostMm`]).
+    pub fn new(guard: bool) -> HostMm {
+        HostMm {
+            host: Mutex::default(),
+            guard,
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, Host> {
         // A panic elsewhere must not take the host mm down with it.
         self.host.lock().unwrap_or_else(|p| p.into_inner())
@@ -95,6 +133,7 @@ impl HostMm {
 
     /// Maps the missing slots of the `prot` set of a region (unpopulated).
     fn map_missing(
+        &self,
         host: &mut Host,
         ino: u64,
         size: u64,
@@ -117,6 +156,11 @@ impl HostMm {
             };
             let (off, len) = slot_range(size, slot);
             let m = Arc::new(Mapping::map_range_aligned(fd, off, len, prot, PUD_SIZE)?);
+            if self.guard {
+                let u = Userfaultfd::new(uffd::FEATURE_SIGBUS | uffd::FEATURE_MISSING_HUGETLBFS)?;
+                u.register(&m, 0, len, uffd::Mode::Missing)?;
+                host.guards.insert(key, u);
+            }
             host.maps.insert(key, m.clone());
             host.model.mark_cached(key, now);
             new.push(m);
@@ -143,8 +187,9 @@ impl HostMm {
         ) {
             old.cancel.store(true, Ordering::Relaxed);
         }
-        let maps = Self::map_missing(&mut host, ino, size, Protection::ReadWrite, open)?;
+        let maps = self.map_missing(&mut host, ino, size, Protection::ReadWrite, open)?;
         drop(host);
+        let guard = self.guard;
         let spawned = std::thread::Builder::new()
             .name(format!("populate-{ino}"))
             .spawn(move || {
@@ -158,7 +203,7 @@ impl HostMm {
                             return;
                         }
                         let n = POPULATE_CHUNK.min(len - off);
-                        if let Err(e) = m.populate(off, n) {
+                        if let Err(e) = populate(&m, off, n, guard) {
                             log::error!("populating region {ino}: {e}");
                             return;
                         }
@@ -204,8 +249,8 @@ impl HostMm {
             populated: Arc::new(AtomicU64::new(size)),
             cancel: Arc::new(AtomicBool::new(false)),
         });
-        for m in Self::map_missing(&mut host, ino, size, prot, open)? {
-            m.populate(0, m.len() as u64)?;
+        for m in self.map_missing(&mut host, ino, size, prot, open)? {
+            populate(&m, 0, m.len() as u64, self.guard)?;
         }
         if let Some(pid) = attacher {
             let now = Instant::now();
@@ -270,7 +315,13 @@ impl HostMm {
         let end = end.ok_or_else(|| kernel_glue::errno(kernel_glue::errnos::EINVAL))?;
         for p in self.rw_pieces(ino, size, offset..end, open)? {
             let part = &data[p.from as usize..(p.from + p.len) as usize];
-            p.mapping.write_at(p.at, part)?;
+            if self.guard {
+                // A guarded host mapping raises SIGBUS on a punched-out page; the kernel's
+                // copy fails with EFAULT instead.
+                vmops::write_through_kernel(&p.mapping, p.at, part)?;
+            } else {
+                p.mapping.write_at(p.at, part)?;
+            }
         }
         Ok(())
     }
@@ -288,7 +339,7 @@ impl HostMm {
         open: Opener<'_>,
     ) -> io::Result<()> {
         for p in self.rw_pieces(ino, size, offset..offset + len, open)? {
-            p.mapping.populate(p.at, p.len)?;
+            populate(&p.mapping, p.at, p.len, self.guard)?;
         }
         Ok(())
     }
@@ -300,6 +351,7 @@ impl HostMm {
             r.cancel.store(true, Ordering::Relaxed);
         }
         host.maps.retain(|k, _| k.ino != ino);
+        host.guards.retain(|k, _| k.ino != ino);
         host.model.remove_region(ino);
     }
 
@@ -329,6 +381,7 @@ impl HostMm {
         let victims = host.model.victims(policy, pressure, Instant::now());
         for key in victims {
             if host.model.mark_released(key).is_ok() && host.maps.remove(&key).is_some() {
+                host.guards.remove(&key);
                 log::info!(
                     "shrinker: released {:?} host table of region {} slot {}",
                     key.prot,

@@ -133,7 +133,7 @@ pub fn handle(
     match (req[0], fd) {
         (uapi::SHM_POSIX_SIZE, Some(fd)) => {
             let len = u64::from_ne_bytes(payload.try_into().map_err(|_| EINVAL)?);
-            posix_size(core, fd, len).map(Some)
+            posix_size(core, fd, len, peer.pid).map(Some)
         }
         (uapi::SHM_POSIX_OPEN, Some(fd)) if payload.is_empty() => posix_open(core, fd).map(Some),
         (uapi::SHM_RECONCILE, None) if payload.is_empty() => {
@@ -202,7 +202,8 @@ fn shm_file(fd: &OwnedFd) -> FsResult<ShmFile> {
 
 /// [`uapi::SHM_POSIX_SIZE`]: makes the segment open as `fd` a region of `length` bytes,
 /// or finds the one another process made for it.
-fn posix_size(core: &Core, fd: OwnedFd, length: u64) -> FsResult<OwnedFd> {
+/// The memory is charged to the cgroups of `pid`, the process that sizes the segment.
+fn posix_size(core: &Core, fd: OwnedFd, length: u64, pid: u32) -> FsResult<OwnedFd> {
     let file = shm_file(&fd)?;
     if file.acc != consts::O_RDWR {
         return Err(EBADF);
@@ -238,7 +239,7 @@ fn posix_size(core: &Core, fd: OwnedFd, length: u64) -> FsResult<OwnedFd> {
     };
     let owner = (file.st.mode & 0o7777, file.st.uid, file.st.gid);
     let ino = core.create_shm_region(dir, &file.name, owner, origin)?;
-    if let Err(e) = core.set_length(ino, length) {
+    if let Err(e) = core.set_length(ino, length, pid) {
         let _ = core.remove_region(ino);
         return Err(e);
     }
@@ -351,7 +352,7 @@ fn sysv_created(core: &Core, peer: PeerCred, id: i32, size: u64) -> FsResult<()>
     let origin = ShmOrigin::Sysv { id, cpid: seg.cpid };
     let owner = (seg.mode & 0o777, seg.uid, seg.gid);
     let ino = core.create_shm_region(dir, &name, owner, origin)?;
-    if let Err(e) = core.set_length(ino, size) {
+    if let Err(e) = core.set_length(ino, size, peer.pid) {
         let _ = core.remove_region(ino);
         return Err(e);
     }

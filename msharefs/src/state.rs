@@ -86,6 +86,10 @@ pub struct RegionMeta {
     /// The System V or POSIX shared-memory segment whose data this region holds.
     #[serde(default)]
     pub shm: Option<ShmOrigin>,
+    /// The cgroup directory its memory is charged to (that of the process that set its
+    /// size, under the backing's controller); `None` when none accounts for it.
+    #[serde(default)]
+    pub cgroup: Option<PathBuf>,
 }
 
 impl RegionMeta {
@@ -98,6 +102,7 @@ impl RegionMeta {
             pool_pages: 0,
             length: 0,
             shm: None,
+            cgroup: None,
         }
     }
 

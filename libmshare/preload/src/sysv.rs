@@ -276,8 +276,8 @@ fn place(
             let errno = kernel_glue::errno_of(&e);
             // A segment of the size the shim places may have its data on msharefs: rather
             // than hand out the kernel segment's (empty) memory, fail.
-            let ours = ipc::shm_stat(id)
-                .is_ok_and(|s| env::shm_min().is_some_and(|min| s.segsz >= min));
+            let ours =
+                ipc::shm_stat(id).is_ok_and(|s| env::shm_min().is_some_and(|min| s.segsz >= min));
             log(format_args!(
                 "shmat: msharefs at {:?} cannot be reached: errno {errno} ({}); segment \
                  {id} {}",
