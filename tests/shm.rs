@@ -203,7 +203,8 @@ def worker(args):
     out = {"pid": os.getpid(), "addr": addr, "map_lo": lo, "map_len": hi - lo, "path": path,
            "faults": f1 - f0, "bad": bad, "open_s": t1 - t0, "touch_s": t2 - t1}
     if hold:
-        print(json.dumps({"worker_ready": idx}), flush=True)
+        # One write(2) per line: workers share the pipe, and print() may split a line.
+        os.write(1, (json.dumps({"worker_ready": idx}) + "\n").encode())
         # Hold the mapping until the parent is gone (killed), then go too.
         while os.path.exists("/proc/%d" % parent):
             time.sleep(0.05)
@@ -221,7 +222,7 @@ def main():
         buf[off] = (off // HUGE + SEED) & 0xff
     barrier = ctx.Barrier(n)
     if mode == "hold":
-        print(json.dumps({"name": shm.name}), flush=True)
+        os.write(1, (json.dumps({"name": shm.name}) + "\n").encode())
         pool = ctx.Pool(n, initializer=init, initargs=(barrier,))
         pool.map_async(worker, [(shm.name, i, n, True, os.getpid()) for i in range(n)], 1)
         time.sleep(3600)
