@@ -140,16 +140,19 @@ fn v3_sequence(backing: &str) {
 }
 
 #[test]
+#[ignore = "needs root: mounts msharefs (FUSE) and uses huge pages"]
 fn v3_sequence_shmem() {
     v3_sequence("shmem");
 }
 
 #[test]
+#[ignore = "needs root: mounts msharefs (FUSE) and uses huge pages"]
 fn v3_sequence_thp() {
     v3_sequence("thp");
 }
 
 #[test]
+#[ignore = "needs root: mounts msharefs (FUSE) and uses huge pages"]
 fn every_error_has_its_errno() {
     if !require_privileged("every_error_has_its_errno") {
         return;
@@ -338,6 +341,7 @@ print("rounds %d sha256 %s" % (n, hashlib.sha256(m[:]).hexdigest()), flush=True)
 "#;
 
 #[test]
+#[ignore = "needs root: mounts msharefs (FUSE) and uses huge pages"]
 fn kill9_of_the_daemon_loses_nothing() {
     if !require_privileged("kill9_of_the_daemon_loses_nothing") {
         return;
@@ -473,6 +477,7 @@ print(" ".join(res))
 "#;
 
 #[test]
+#[ignore = "needs root: mounts msharefs (FUSE) and uses huge pages"]
 fn permissions_are_enforced_for_other_users() {
     if !require_privileged("permissions_are_enforced_for_other_users") {
         return;
@@ -503,6 +508,7 @@ fn permissions_are_enforced_for_other_users() {
 }
 
 #[test]
+#[ignore = "needs root: mounts msharefs (FUSE) and uses huge pages"]
 fn purge_leaves_no_mounts_and_restores_the_pool() {
     if !require_privileged("purge_leaves_no_mounts_and_restores_the_pool") {
         return;
@@ -525,6 +531,7 @@ fn purge_leaves_no_mounts_and_restores_the_pool() {
 }
 
 #[test]
+#[ignore = "needs root: mounts msharefs (FUSE) and uses huge pages"]
 fn read_and_write_through_the_file_match_the_mapping() {
     if !require_privileged("read_and_write_through_the_file_match_the_mapping") {
         return;
@@ -575,6 +582,7 @@ sys.stdin.read()
 "#;
 
 #[test]
+#[ignore = "needs root: mounts msharefs (FUSE) and uses huge pages"]
 fn a_creator_killed_before_naming_its_region_leaks_no_memory() {
     if !require_privileged("a_creator_killed_before_naming_its_region_leaks_no_memory") {
         return;
