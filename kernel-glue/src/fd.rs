@@ -205,6 +205,19 @@ pub fn fcntl_getfl(fd: impl AsFd) -> io::Result<i32> {
     check_retval(unsafe { libc::fcntl(fd.as_fd().as_raw_fd(), libc::F_GETFL) })
 }
 
+/// Safe wrapper for `close(2)` that reports its result (dropping an `OwnedFd` ignores
+/// it). The descriptor is gone afterwards either way, as `close(2)` promises on Linux.
+///
+/// # Errors
+/// The kernel's or the file system's errno (a FUSE `flush` error, `EIO`, ...).
+pub fn close(fd: OwnedFd) -> io::Result<()> {
+    let raw = std::os::fd::IntoRawFd::into_raw_fd(fd);
+    // SAFETY: we owned `raw` (it came out of an `OwnedFd`) and give it up here; it is not
+    // used again, whatever close returns (Linux releases it even on error).
+    check_retval(unsafe { libc::close(raw) })?;
+    Ok(())
+}
+
 /// Safe wrapper for `open(2)` with `O_CLOEXEC` added to `flags`.
 ///
 /// # Errors
