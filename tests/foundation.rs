@@ -449,7 +449,9 @@ fn region_larger_than_the_pool_fails_at_create() {
     let fits = Region::create(&path, 8 * HUGE_PAGE_SIZE, 0o600, Backing::Hugetlb)
         .expect("create within the pool");
     assert_eq!(
-        kfd::fstat(fits.as_fd()).expect("fstat").size,
+        kfd::fstat(fits.try_clone_fd().expect("dup"))
+            .expect("fstat")
+            .size,
         8 * HUGE_PAGE_SIZE
     );
     assert_eq!(PoolState::read().available(), ready.available() - 8);
