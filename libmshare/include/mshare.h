@@ -23,6 +23,22 @@
 #include <stdint.h>
 
 /**
+ * Major version of the library this header belongs to (`mshare_version()` gives the
+ * library's at run time). The shared library's SONAME is `libmshare.so.MAJOR`.
+ */
+#define MSHARE_VERSION_MAJOR 0u
+
+/**
+ * Minor version: new functions, compatible.
+ */
+#define MSHARE_VERSION_MINOR 1u
+
+/**
+ * Patch version: fixes only.
+ */
+#define MSHARE_VERSION_PATCH 0u
+
+/**
  * The mount's default backing (`msharefs mount --backing`): hugetlb unless configured
  * otherwise.
  */

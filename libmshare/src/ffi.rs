@@ -23,6 +23,36 @@ use kernel_glue::mapping::Protection;
 use crate::region::{Backing, Region};
 use crate::uapi;
 
+/// Major version of the library this header belongs to (`mshare_version()` gives the
+/// library's at run time). The shared library's SONAME is `libmshare.so.MAJOR`.
+pub const MSHARE_VERSION_MAJOR: c_uint = 0u32;
+/// Minor version: new functions, compatible.
+pub const MSHARE_VERSION_MINOR: c_uint = 1u32;
+/// Patch version: fixes only.
+pub const MSHARE_VERSION_PATCH: c_uint = 0u32;
+
+/// The number a decimal string of digits stands for (the version parts of Cargo's
+/// environment), at compile time.
+const fn parse_version_part(s: &str) -> c_uint {
+    let b = s.as_bytes();
+    let mut n: c_uint = 0;
+    let mut i = 0;
+    while i < b.len() {
+        n = n * 10 + (b[i] - b'0') as c_uint;
+        i += 1;
+    }
+    n
+}
+
+// cbindgen needs literals for the header's #defines; these keep them equal to the crate
+// version (`cargo build` fails when Cargo.toml's version moves without them).
+const _: () = assert!(
+    MSHARE_VERSION_MAJOR == parse_version_part(env!("CARGO_PKG_VERSION_MAJOR"))
+        && MSHARE_VERSION_MINOR == parse_version_part(env!("CARGO_PKG_VERSION_MINOR"))
+        && MSHARE_VERSION_PATCH == parse_version_part(env!("CARGO_PKG_VERSION_PATCH")),
+    "MSHARE_VERSION_* differ from the crate version in Cargo.toml"
+);
+
 /// The mount's default backing (`msharefs mount --backing`): hugetlb unless configured
 /// otherwise.
 pub const MSHARE_BACKING_DEFAULT: c_uint = 0u32;
