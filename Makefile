@@ -51,7 +51,7 @@ SHARED_LDFLAGS := -shared -Wl,-z,relro,-z,now -Wl,--gc-sections
 LIBMSHARE := $(OUT)/libmshare.so.$(VERSION)
 PRELOAD := $(OUT)/libmshare_preload.so
 
-all: $(LIBMSHARE) $(PRELOAD) $(OUT)/mshare.pc $(OUT)/msharefs@.service
+all: $(LIBMSHARE) $(PRELOAD)
 
 cargo-build:
 	$(CARGO) build --workspace --profile $(PROFILE)
@@ -70,16 +70,6 @@ $(PRELOAD): $(BUILD)/libmshare_preload.a libmshare/preload/exports.map
 	    -Wl,--version-script=libmshare/preload/exports.map \
 	    -Wl,--whole-archive $(BUILD)/libmshare_preload.a -Wl,--no-whole-archive $(NATIVE_LIBS)
 
-$(OUT)/mshare.pc: packaging/mshare.pc.in Makefile
-	@mkdir -p $(OUT)
-	sed -e 's|@prefix@|$(prefix)|' -e 's|@exec_prefix@|$(exec_prefix)|' \
-	    -e 's|@libdir@|$(libdir)|' -e 's|@includedir@|$(includedir)|' \
-	    -e 's|@version@|$(VERSION)|' -e 's|@native_libs@|$(NATIVE_LIBS)|' $< > $@
-
-$(OUT)/msharefs@.service: packaging/msharefs@.service.in Makefile
-	@mkdir -p $(OUT)
-	sed -e 's|@bindir@|$(bindir)|' $< > $@
-
 install: all
 	$(INSTALL) -d $(DESTDIR)$(bindir) $(DESTDIR)$(mounthelperdir) $(DESTDIR)$(libdir) \
 	    $(DESTDIR)$(includedir) $(DESTDIR)$(pkgconfigdir) $(DESTDIR)$(systemdunitdir) \
@@ -92,8 +82,13 @@ install: all
 	$(INSTALL) -m 0644 $(BUILD)/libmshare.a $(DESTDIR)$(libdir)/libmshare.a
 	$(INSTALL) -m 0755 $(PRELOAD) $(DESTDIR)$(libdir)/libmshare_preload.so
 	$(INSTALL) -m 0644 libmshare/include/mshare.h $(DESTDIR)$(includedir)/mshare.h
-	$(INSTALL) -m 0644 $(OUT)/mshare.pc $(DESTDIR)$(pkgconfigdir)/mshare.pc
-	$(INSTALL) -m 0644 $(OUT)/msharefs@.service $(DESTDIR)$(systemdunitdir)/msharefs@.service
+	sed -e 's|@prefix@|$(prefix)|' -e 's|@exec_prefix@|$(exec_prefix)|' \
+	    -e 's|@libdir@|$(libdir)|' -e 's|@includedir@|$(includedir)|' \
+	    -e 's|@version@|$(VERSION)|' -e 's|@native_libs@|$(NATIVE_LIBS)|' \
+	    packaging/mshare.pc.in > $(DESTDIR)$(pkgconfigdir)/mshare.pc
+	sed -e 's|@bindir@|$(bindir)|' packaging/msharefs@.service.in \
+	    > $(DESTDIR)$(systemdunitdir)/msharefs@.service
+	chmod 0644 $(DESTDIR)$(pkgconfigdir)/mshare.pc $(DESTDIR)$(systemdunitdir)/msharefs@.service
 	$(INSTALL) -m 0644 packaging/man/libmshare.3 $(DESTDIR)$(mandir)/man3/libmshare.3
 	$(INSTALL) -m 0644 packaging/man/msharefs.8 $(DESTDIR)$(mandir)/man8/msharefs.8
 	$(INSTALL) -m 0644 packaging/man/mount.msharefs.8 $(DESTDIR)$(mandir)/man8/mount.msharefs.8
