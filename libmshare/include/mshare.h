@@ -1,7 +1,8 @@
 /*
  * mshare.h: the C API of libmshare, the msharefs client library.
  *
- * Link with -lmshare (libmshare.so or libmshare.a from `cargo build --release`).
+ * Link with `pkg-config --cflags --libs mshare` (an installed libmshare.so.0, from
+ * `make install`) or -lmshare (libmshare.so or libmshare.a of `cargo build --release`).
  *
  * Conventions:
  * - Every int-returning function returns 0 on success or a negative errno (-EINVAL,
