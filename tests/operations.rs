@@ -63,6 +63,20 @@ fn sized_region(path: &Path, size: u64, data: &[u8]) {
     f.write_all(data).expect("write the region");
 }
 
+fn assert_no_mounts_below(dir: &Path) {
+    let left: Vec<PathBuf> = kernel_glue::mount::mounts()
+        .expect("mountinfo")
+        .into_iter()
+        .map(|m| m.target)
+        .filter(|t| t.starts_with(dir))
+        .collect();
+    assert!(
+        left.is_empty(),
+        "mounts left below {}: {left:?}",
+        dir.display()
+    );
+}
+
 fn fuse_mounted(p: &Path) -> bool {
     kernel_glue::mount::mount_at(p)
         .expect("mountinfo")
@@ -299,13 +313,7 @@ fn purge_removes_only_what_msharefs_created() {
         "keep me too"
     );
     assert!(!fuse_mounted(&mnt));
-    assert!(
-        kernel_glue::mount::mounts()
-            .unwrap()
-            .iter()
-            .all(|m| !m.target.starts_with(tmp.path())),
-        "mounts left behind"
-    );
+    assert_no_mounts_below(tmp.path());
     // Now not empty and no longer marked: refused.
     let out = Command::new(&bin)
         .arg("mount")
@@ -567,13 +575,7 @@ fn mount_t_msharefs_and_an_fstab_line_survive_umount_and_remount() {
         "regions changed across umount and mount"
     );
     // Nothing of the namespace leaked into ours.
-    assert!(
-        kernel_glue::mount::mounts()
-            .unwrap()
-            .iter()
-            .all(|m| !m.target.starts_with(t)),
-        "mounts visible outside the namespace"
-    );
+    assert_no_mounts_below(t);
 }
 
 #[test]
