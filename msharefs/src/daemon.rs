@@ -108,25 +108,22 @@ pub fn mount(opts: MountOpts) -> std::io::Result<()> {
     if !opts.foreground {
         return start_background(&mnt, &opts).map(|line| println!("{line}"));
     }
-    let notify = std::env::var_os(NOTIFY_ENV).is_some();
-    if notify {
+    let tell_parent = std::env::var_os(NOTIFY_ENV).is_some();
+    if tell_parent {
         // Leave the parent's session so its exit does not hang us up.
         let _ = process::setsid();
     }
-    match run_daemon(&mnt, &opts, notify) {
+    match run_daemon(&mnt, &opts, tell_parent) {
         Ok(()) => Ok(()),
         Err(e) => {
-            if notify {
+            if tell_parent {
                 println!("error: {e}");
             }
-            notify::notify_or_log(&format!("STATUS=failed: {e}\nERRNO={}", errno_or_eio(&e)));
+            let errno = kernel_glue::errno_of(&e);
+            notify::notify_or_log(&format!("STATUS=failed: {e}\nERRNO={errno}"));
             Err(e)
         }
     }
-}
-
-fn errno_or_eio(e: &std::io::Error) -> i32 {
-    kernel_glue::errno_of(e)
 }
 
 /// Checks the state directory (refusing a foreign one before writing anything), starts
@@ -200,7 +197,7 @@ fn wait_for_previous(mnt: &Path, state: &StateDir) -> std::io::Result<()> {
     Ok(())
 }
 
-fn run_daemon(mnt: &Path, opts: &MountOpts, notify: bool) -> std::io::Result<()> {
+fn run_daemon(mnt: &Path, opts: &MountOpts, tell_parent: bool) -> std::io::Result<()> {
     let state = state_of(opts, mnt);
     let user_quota = opts
         .user_quota
@@ -293,7 +290,7 @@ fn run_daemon(mnt: &Path, opts: &MountOpts, notify: bool) -> std::io::Result<()>
         Some(q) => log::info!("user quota: {q} bytes of region memory per uid (root exempt)"),
         None => log::info!("user quota: none"),
     }
-    if notify {
+    if tell_parent {
         println!("ready");
         let _ = std::io::stdout().flush();
         let _ = process::stdio_to_devnull();
