@@ -189,15 +189,32 @@ impl Stores {
         }
     }
 
-    /// Discards the contents of `[offset, offset + len)` (they read as zero afterwards) and
-    /// allocates the range again, so it stays reserved.
+    /// Discards the contents of `[offset, offset + len)`: they read as zero afterwards,
+    /// and the pages stay allocated, so the range stays reserved.
+    ///
+    /// The range is zeroed in place through a mapping of it (an aligned range of the
+    /// backing's page size). Punching a hole and allocating it again, as this once did,
+    /// can lose the range: a hugetlb page freed while the pool has surplus pages (given
+    /// back while still mapped) goes back to the system, not to the pool, so the
+    /// allocation that follows fails (`ENOSPC`) and leaves a hole nobody reserved, which
+    /// every attacher touching it then meets as `SIGBUS` (tmpfs can lose the space to
+    /// another region between the two calls the same way).
     ///
     /// # Errors
-    /// `fallocate` errors.
+    /// Mapping errors (`ENOMEM` without address space); nothing is changed then.
     pub fn discard(&self, s: Store, ino: u64, offset: u64, len: u64) -> io::Result<()> {
+        /// Bytes zeroed per copy.
+        const CHUNK: u64 = kernel_glue::HUGE_PAGE_SIZE;
         let fd = self.open_file(s, ino, true)?;
-        kfd::fallocate_punch_hole(&fd, offset, len)?;
-        kfd::fallocate(&fd, offset, len)
+        let m = Mapping::map_range_aligned(&fd, offset, len, Protection::ReadWrite, s.page_size())?;
+        let zeros = vec![0u8; CHUNK.min(len) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = CHUNK.min(len - done);
+            m.write_at(done, &zeros[..n as usize])?;
+            done += n;
+        }
+        Ok(())
     }
 }
 
