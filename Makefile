@@ -53,10 +53,12 @@ PRELOAD := $(OUT)/libmshare_preload.so
 
 all: $(LIBMSHARE) $(PRELOAD)
 
-cargo-build:
+# Cargo decides what is out of date; make then relinks only what cargo changed (it looks
+# at the files' times again after the recipe).
+$(BUILD)/libmshare.a $(BUILD)/libmshare_preload.a $(BUILD)/msharefs &: FORCE
 	$(CARGO) build --workspace --profile $(PROFILE)
 
-$(BUILD)/libmshare.a $(BUILD)/libmshare_preload.a $(BUILD)/msharefs: cargo-build
+FORCE:
 
 $(LIBMSHARE): $(BUILD)/libmshare.a packaging/libmshare.map
 	@mkdir -p $(OUT)
@@ -103,4 +105,4 @@ uninstall:
 	    $(DESTDIR)$(mandir)/man3/libmshare.3 $(DESTDIR)$(mandir)/man8/msharefs.8 \
 	    $(DESTDIR)$(mandir)/man8/mount.msharefs.8
 
-.PHONY: all cargo-build install uninstall
+.PHONY: all install uninstall

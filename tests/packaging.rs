@@ -32,6 +32,12 @@ fn run(cmd: &mut Command) -> String {
 
 /// `make install prefix=PREFIX`, built in this test binary's target directory and profile.
 fn install(prefix: &Path) {
+    // Both tests install at once otherwise, and two makes linking the same output file
+    // can hand `install` a half-written library.
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let built = artifacts();
     let target = built.parent().expect("target dir");
     let profile = built.file_name().expect("profile").to_str().expect("utf-8");
