@@ -41,6 +41,7 @@ fn bench_leftovers() -> Vec<String> {
 }
 
 #[test]
+#[ignore = "needs root: mounts hugetlbfs and changes the huge-page pool"]
 fn bench_quick_produces_every_field() {
     if !require_privileged("bench_quick_produces_every_field") {
         return;

@@ -65,6 +65,7 @@ fn verify(huge: &Path, thp: &Path, round: u64, counts: &[u64]) -> (u64, u64) {
 }
 
 #[test]
+#[ignore = "needs root: mounts msharefs (FUSE) and uses huge pages"]
 fn kill9_at_random_moments_loses_no_record() {
     if !require_privileged("kill9_at_random_moments_loses_no_record") {
         return;

@@ -85,6 +85,7 @@ fn pool_added(fs: &Msharefs) -> u64 {
 }
 
 #[test]
+#[ignore = "needs root: mounts msharefs (FUSE) and uses huge pages"]
 fn more_memory_than_the_machine_has_fails_at_the_size_call() {
     if !require_privileged("more_memory_than_the_machine_has_fails_at_the_size_call") {
         return;
@@ -236,6 +237,7 @@ fn more_memory_than_the_machine_has_fails_at_the_size_call() {
 }
 
 #[test]
+#[ignore = "needs root: mounts msharefs (FUSE) and uses huge pages"]
 fn thousands_of_regions_and_handles_work_or_fail_cleanly() {
     if !require_privileged("thousands_of_regions_and_handles_work_or_fail_cleanly") {
         return;

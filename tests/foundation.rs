@@ -151,6 +151,7 @@ fn attach_in_turn(tag: &str, shift: u64, followers: usize) -> (AttachReport, Vec
 }
 
 #[test]
+#[ignore = "needs root: mounts hugetlbfs and changes the huge-page pool"]
 fn aligned_attachers_share_pmd_tables() {
     if !require_privileged("aligned_attachers_share_pmd_tables") {
         return;
@@ -180,6 +181,7 @@ fn aligned_attachers_share_pmd_tables() {
 }
 
 #[test]
+#[ignore = "needs root: mounts hugetlbfs and changes the huge-page pool"]
 fn misaligned_attacher_does_not_share() {
     if !require_privileged("misaligned_attacher_does_not_share") {
         return;
@@ -204,6 +206,7 @@ fn misaligned_attacher_does_not_share() {
 }
 
 #[test]
+#[ignore = "needs root: mounts hugetlbfs and changes the huge-page pool"]
 fn a_pattern_check_can_fail() {
     if !require_privileged("a_pattern_check_can_fail") {
         return;
@@ -249,6 +252,7 @@ fn a_pattern_check_can_fail() {
 }
 
 #[test]
+#[ignore = "needs root: mounts hugetlbfs and changes the huge-page pool"]
 fn probe_reports_errors_with_errno() {
     if !require_privileged("probe_reports_errors_with_errno") {
         return;
@@ -272,6 +276,7 @@ fn probe_reports_errors_with_errno() {
 }
 
 #[test]
+#[ignore = "needs root: mounts hugetlbfs and changes the huge-page pool"]
 fn helpers_do_not_outlive_a_failing_test() {
     if !require_privileged("helpers_do_not_outlive_a_failing_test") {
         return;
@@ -303,6 +308,7 @@ fn helpers_do_not_outlive_a_failing_test() {
 }
 
 #[test]
+#[ignore = "needs root: mounts hugetlbfs and changes the huge-page pool"]
 fn pool_is_restored_when_a_test_panics() {
     if !require_privileged("pool_is_restored_when_a_test_panics") {
         return;
@@ -363,6 +369,7 @@ fn pool_is_restored_when_a_test_panics() {
 }
 
 #[test]
+#[ignore = "needs root: mounts hugetlbfs and changes the huge-page pool"]
 fn bad_sizes_are_einval_and_leave_nothing() {
     if !require_privileged("bad_sizes_are_einval_and_leave_nothing") {
         return;
@@ -404,6 +411,7 @@ fn bad_sizes_are_einval_and_leave_nothing() {
 }
 
 #[test]
+#[ignore = "needs root: mounts hugetlbfs and changes the huge-page pool"]
 fn region_larger_than_the_pool_fails_at_create() {
     if !require_privileged("region_larger_than_the_pool_fails_at_create") {
         return;
@@ -441,7 +449,9 @@ fn region_larger_than_the_pool_fails_at_create() {
     let fits = Region::create(&path, 8 * HUGE_PAGE_SIZE, 0o600, Backing::Hugetlb)
         .expect("create within the pool");
     assert_eq!(
-        kfd::fstat(fits.as_fd()).expect("fstat").size,
+        kfd::fstat(fits.try_clone_fd().expect("dup"))
+            .expect("fstat")
+            .size,
         8 * HUGE_PAGE_SIZE
     );
     assert_eq!(PoolState::read().available(), ready.available() - 8);
@@ -453,6 +463,7 @@ fn region_larger_than_the_pool_fails_at_create() {
 }
 
 #[test]
+#[ignore = "needs root: mounts hugetlbfs and changes the huge-page pool"]
 fn pool_request_the_kernel_cannot_satisfy() {
     if !require_privileged("pool_request_the_kernel_cannot_satisfy") {
         return;
@@ -496,6 +507,7 @@ fn pool_request_the_kernel_cannot_satisfy() {
 }
 
 #[test]
+#[ignore = "needs root: mounts hugetlbfs and changes the huge-page pool"]
 fn instance_mounts_unmount_on_drop() {
     if !require_privileged("instance_mounts_unmount_on_drop") {
         return;
@@ -555,6 +567,7 @@ fn instance_mounts_unmount_on_drop() {
 }
 
 #[test]
+#[ignore = "needs root: mounts hugetlbfs and changes the huge-page pool"]
 fn tmpfs_huge_always_maps_pmds() {
     if !require_privileged("tmpfs_huge_always_maps_pmds") {
         return;
@@ -592,6 +605,7 @@ fn tmpfs_huge_always_maps_pmds() {
 }
 
 #[test]
+#[ignore = "needs root: mounts hugetlbfs and changes the huge-page pool"]
 fn hugetlb_memfd_uses_the_pool() {
     if !require_privileged("hugetlb_memfd_uses_the_pool") {
         return;

@@ -6,12 +6,21 @@
 //! first, then mounts, then the pool):
 //!
 //! ```ignore
+//! #[test]
+//! #[ignore = "needs root: mounts hugetlbfs and changes the huge-page pool"]
+//! fn my_test() {
 //! if !require_privileged("my_test") { return; }
 //! let pool = PoolGuard::new();                 // checks the pool is back at the end
 //! let dir = HugetlbfsDir::new("my-test")?;     // fresh hugetlbfs instance under /tmp
 //! let _grant = pool.grow(1024 + 16)?;          // pages this test needs
 //! let mut probe = Probe::spawn(probe_bin!(), &Attach::new(dir.file("r"), rw))?;
+//! }
 //! ```
+//!
+//! A test that needs root, `/dev/fuse` or huge pages carries `#[ignore = "needs root:
+//! ..."]`, so a plain `cargo test` lists it as ignored instead of passing it; CI runs it
+//! with `-- --include-ignored`, and `require_privileged` makes it fail there when
+//! something is missing.
 //!
 //! Modules:
 //! - [`privilege`]: root, `/dev/fuse`, hugetlbfs; skip loudly outside CI, fail in CI;

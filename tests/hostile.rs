@@ -1023,6 +1023,7 @@ impl Drop for Watchdog {
 }
 
 #[test]
+#[ignore = "needs root: mounts msharefs (FUSE) and uses huge pages"]
 fn fuzzed_calls_fail_cleanly_and_change_nothing() {
     if !require_privileged("fuzzed_calls_fail_cleanly_and_change_nothing") {
         return;
@@ -1183,6 +1184,7 @@ fn fd_count(pid: u32) -> usize {
 }
 
 #[test]
+#[ignore = "needs root: mounts msharefs (FUSE) and uses huge pages"]
 fn attach_socket_refuses_everything_but_a_region_descriptor() {
     if !require_privileged("attach_socket_refuses_everything_but_a_region_descriptor") {
         return;

@@ -62,6 +62,7 @@ fn pids(r: &serde_json::Value) -> Vec<u64> {
 }
 
 #[test]
+#[ignore = "needs root: mounts msharefs (FUSE) and uses huge pages"]
 fn first_and_returning_attachers_link_the_host_tables() {
     if !require_privileged("first_and_returning_attachers_link_the_host_tables") {
         return;
@@ -116,6 +117,7 @@ fn first_and_returning_attachers_link_the_host_tables() {
 }
 
 #[test]
+#[ignore = "needs root: mounts msharefs (FUSE) and uses huge pages"]
 fn zero_table_budget_releases_idle_tables_and_keeps_data() {
     if !require_privileged("zero_table_budget_releases_idle_tables_and_keeps_data") {
         return;
@@ -160,6 +162,7 @@ fn zero_table_budget_releases_idle_tables_and_keeps_data() {
 }
 
 #[test]
+#[ignore = "needs root: mounts msharefs (FUSE) and uses huge pages"]
 fn stat_follows_attach_detach_and_kill() {
     if !require_privileged("stat_follows_attach_detach_and_kill") {
         return;
@@ -211,6 +214,7 @@ fn stat_follows_attach_detach_and_kill() {
 }
 
 #[test]
+#[ignore = "needs root: mounts msharefs (FUSE) and uses huge pages"]
 fn attach_during_population_works() {
     if !require_privileged("attach_during_population_works") {
         return;

@@ -189,6 +189,7 @@ fn valgrind_args() -> Vec<&'static OsStr> {
 }
 
 #[test]
+#[ignore = "needs root: mounts hugetlbfs and changes the huge-page pool"]
 fn c_example_direct_mode() {
     if !require_privileged("c_example_direct_mode") || !require_tool("gcc", "c_example_direct_mode")
     {
@@ -242,6 +243,7 @@ fn c_example_direct_mode() {
 }
 
 #[test]
+#[ignore = "needs root: mounts msharefs (FUSE) and uses huge pages"]
 fn c_example_on_msharefs() {
     if !require_privileged("c_example_on_msharefs") || !require_tool("gcc", "c_example_on_msharefs")
     {
@@ -551,6 +553,7 @@ fn check_error_cases(dir: &Path, backing: u32, page: u64) {
 }
 
 #[test]
+#[ignore = "needs root: mounts hugetlbfs and changes the huge-page pool"]
 fn error_cases_in_direct_mode() {
     // Not on an msharefs (or hugetlbfs) mount: ENODEV for create, open and unlink, and no
     // file is created or removed.
@@ -590,6 +593,7 @@ fn error_cases_in_direct_mode() {
 }
 
 #[test]
+#[ignore = "needs root: mounts msharefs (FUSE) and uses huge pages"]
 fn error_cases_on_msharefs() {
     if !require_privileged("error_cases_on_msharefs") {
         return;

@@ -184,6 +184,7 @@ fn num(v: &Value, key: &str) -> u64 {
 }
 
 #[test]
+#[ignore = "needs root: mounts msharefs (FUSE) and uses huge pages"]
 fn shim_places_anonymous_shared_memory_on_msharefs() {
     const NAME: &str = "shim_places_anonymous_shared_memory_on_msharefs";
     if !require_privileged(NAME) || !require_python(NAME) {
@@ -751,6 +752,7 @@ fn pgbench(c: &Cluster<'_>, args: &[&str], clients: usize, mut during: impl FnMu
 }
 
 #[test]
+#[ignore = "needs root: mounts msharefs (FUSE) and uses huge pages"]
 fn postgres_runs_on_msharefs_under_the_shim() {
     const NAME: &str = "postgres_runs_on_msharefs_under_the_shim";
     if !require_privileged(NAME) {
@@ -936,6 +938,7 @@ fn wait_gone(pid: u32, what: &str) {
 }
 
 #[test]
+#[ignore = "needs root: mounts msharefs (FUSE), uses huge pages, runs PostgreSQL as postgres"]
 fn postgres_sysv_and_posix_dsm_on_msharefs_under_the_shim() {
     const NAME: &str = "postgres_sysv_and_posix_dsm_on_msharefs_under_the_shim";
     if !require_privileged(NAME) {

@@ -230,6 +230,7 @@ fn pool_counters(s: &PoolState) -> (u64, u64) {
 }
 
 #[test]
+#[ignore = "needs root: mounts msharefs (FUSE) and uses huge pages"]
 fn a_user_past_its_quota_gets_edquot_and_nothing_changes() {
     if !require_privileged("a_user_past_its_quota_gets_edquot_and_nothing_changes") {
         return;
@@ -370,6 +371,7 @@ fn a_user_past_its_quota_gets_edquot_and_nothing_changes() {
 }
 
 #[test]
+#[ignore = "needs root: mounts msharefs (FUSE) and uses huge pages"]
 fn concurrent_sizes_never_pass_the_quota_together() {
     if !require_privileged("concurrent_sizes_never_pass_the_quota_together") {
         return;

@@ -217,6 +217,7 @@ fn shim_passes_every_other_mapping_through() {
 }
 
 #[test]
+#[ignore = "needs root: mounts hugetlbfs and changes the huge-page pool"]
 fn shim_leaves_hugetlbfs_files_alone() {
     if !require_privileged("shim_leaves_hugetlbfs_files_alone")
         || !require_tool("python3", "shim_leaves_hugetlbfs_files_alone")
@@ -238,6 +239,7 @@ fn shim_leaves_hugetlbfs_files_alone() {
 }
 
 #[test]
+#[ignore = "needs root: mounts msharefs (FUSE) and uses huge pages"]
 fn python_maps_a_hugetlb_region_only_through_the_shim() {
     if !require_privileged("python_maps_a_hugetlb_region_only_through_the_shim")
         || !require_tool(
@@ -364,6 +366,7 @@ print(json.dumps(out), flush=True)
 "#;
 
 #[test]
+#[ignore = "needs root: mounts msharefs (FUSE) and uses huge pages"]
 fn shim_mmap_semantics_on_regions() {
     if !require_privileged("shim_mmap_semantics_on_regions")
         || !require_tool("python3", "shim_mmap_semantics_on_regions")

@@ -8,6 +8,8 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
+use zerocopy::{FromBytes, IntoBytes};
+
 use crate::check_retval;
 
 fn cstring(s: &[u8]) -> io::Result<CString> {
@@ -206,6 +208,19 @@ pub fn fcntl_getfl(fd: impl AsFd) -> io::Result<i32> {
     check_retval(unsafe { libc::fcntl(fd.as_fd().as_raw_fd(), libc::F_GETFL) })
 }
 
+/// Safe wrapper for `close(2)` that reports its result (dropping an `OwnedFd` ignores
+/// it). The descriptor is gone afterwards either way, as `close(2)` promises on Linux.
+///
+/// # Errors
+/// The kernel's or the file system's errno (a FUSE `flush` error, `EIO`, ...).
+pub fn close(fd: OwnedFd) -> io::Result<()> {
+    let raw = std::os::fd::IntoRawFd::into_raw_fd(fd);
+    // SAFETY: we owned `raw` (it came out of an `OwnedFd`) and give it up here; it is not
+    // used again, whatever close returns (Linux releases it even on error).
+    check_retval(unsafe { libc::close(raw) })?;
+    Ok(())
+}
+
 /// Safe wrapper for `open(2)` with `O_CLOEXEC` added to `flags`.
 ///
 /// # Errors
@@ -222,17 +237,37 @@ pub fn open(path: &Path, flags: i32, mode: u32) -> io::Result<OwnedFd> {
 ///
 /// The size bits of `cmd` (`_IOC_SIZE`) must equal `size_of::<T>()`, so the kernel never
 /// reads or writes past `arg`; other commands are refused with `EINVAL` before the call.
-/// `T` must be a plain `#[repr(C)]` value with no padding the kernel could leak into.
+///
+/// `T` is plain old data, checked by the compiler through zerocopy's traits: every byte
+/// pattern the kernel (or a FUSE daemon answering the ioctl) may write is a valid `T`
+/// (`FromBytes`: no `bool`, enum, reference or pointer fields), and `T` has no padding
+/// whose uninitialised bytes the kernel could read (`IntoBytes`). The uapi structs derive
+/// both; `Copy` alone would let the kernel write an invalid `bool` or a dangling
+/// reference.
 ///
 /// # Errors
 /// The kernel's or the driver's errno (`ENOTTY` for an unknown command).
-pub fn ioctl_ptr<T: Copy>(fd: impl AsFd, cmd: u32, arg: &mut T) -> io::Result<i32> {
+///
+/// A type the kernel could write an invalid value into is refused at compile time:
+///
+/// ```compile_fail
+/// let fd = kernel_glue::fd::memfd_create("x", false).unwrap();
+/// let mut flag = false; // only 0 and 1 are valid bools
+/// kernel_glue::fd::ioctl_ptr(&fd, 0x8001_7800, &mut flag).unwrap();
+/// ```
+pub fn ioctl_ptr<T: FromBytes + IntoBytes>(
+    fd: impl AsFd,
+    cmd: u32,
+    arg: &mut T,
+) -> io::Result<i32> {
     let size = ((cmd >> 16) & 0x3fff) as usize;
     if size != std::mem::size_of::<T>() {
         return Err(crate::errno(libc::EINVAL));
     }
-    // SAFETY: `arg` points to `size_of::<T>()` writable bytes, exactly the size the command
-    // encodes, and T is Copy (no destructor to confuse if the kernel overwrites it).
+    // SAFETY: `arg` points to `size_of::<T>()` writable, initialised bytes, exactly the
+    // size the command encodes; whatever bytes the kernel writes there form a valid `T`
+    // (`FromBytes`), and `T` has no padding (`IntoBytes`), so the kernel reads only
+    // initialised bytes.
     check_retval(unsafe {
         libc::ioctl(
             fd.as_fd().as_raw_fd(),

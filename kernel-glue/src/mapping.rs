@@ -7,8 +7,9 @@
 //! a plain `munmap(addr, len)` by the owner (or C code) removes it completely.
 //!
 //! Memory behind a `MAP_SHARED` mapping is written by other processes at any time. This
-//! module never creates `&`/`&mut` references into it: access goes through raw-pointer
-//! copies and volatile loads and stores.
+//! module never creates `&`/`&mut` references into it: every access is a volatile load or
+//! store through a raw pointer (copies go word by word), so the compiler never assumes the
+//! memory is unchanged between two reads.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd};
@@ -63,6 +64,62 @@ pub unsafe fn munmap(addr: usize, len: usize) -> io::Result<()> {
     Ok(())
 }
 
+/// Copies `dst.len()` bytes from `src` into `dst` with volatile loads: single bytes up to
+/// the first 8-byte boundary of `src`, whole aligned words, then single bytes. The
+/// compiler may neither elide, merge nor split-and-reread these loads, which plain
+/// copies of memory that other processes write would allow.
+///
+/// # Safety
+/// `[src, src + dst.len())` is readable and mapped for the whole call, and does not
+/// overlap `dst`.
+unsafe fn volatile_read(src: *const u8, dst: &mut [u8]) {
+    let n = dst.len();
+    let mut i = 0;
+    while i < n && (src as usize + i) % 8 != 0 {
+        // SAFETY: `i < n`: inside the readable source (function contract).
+        dst[i] = unsafe { ptr::read_volatile(src.add(i)) };
+        i += 1;
+    }
+    while i + 8 <= n {
+        // SAFETY: `i + 8 <= n`: inside the source; `src + i` is 8-byte aligned here.
+        let w = unsafe { ptr::read_volatile(src.add(i) as *const u64) };
+        dst[i..i + 8].copy_from_slice(&w.to_ne_bytes());
+        i += 8;
+    }
+    while i < n {
+        // SAFETY: `i < n`: inside the source.
+        dst[i] = unsafe { ptr::read_volatile(src.add(i)) };
+        i += 1;
+    }
+}
+
+/// Copies `src` to `dst` with volatile stores, word-wise like [`volatile_read`].
+///
+/// # Safety
+/// `[dst, dst + src.len())` is writable and mapped for the whole call, and does not
+/// overlap `src`.
+unsafe fn volatile_write(src: &[u8], dst: *mut u8) {
+    let n = src.len();
+    let mut i = 0;
+    while i < n && (dst as usize + i) % 8 != 0 {
+        // SAFETY: `i < n`: inside the writable target (function contract).
+        unsafe { ptr::write_volatile(dst.add(i), src[i]) };
+        i += 1;
+    }
+    while i + 8 <= n {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&src[i..i + 8]);
+        // SAFETY: `i + 8 <= n`: inside the target; `dst + i` is 8-byte aligned here.
+        unsafe { ptr::write_volatile(dst.add(i) as *mut u64, u64::from_ne_bytes(w)) };
+        i += 8;
+    }
+    while i < n {
+        // SAFETY: `i < n`: inside the target.
+        unsafe { ptr::write_volatile(dst.add(i), src[i]) };
+        i += 1;
+    }
+}
+
 /// A `MAP_SHARED` mapping of a file at an address aligned to a power of two, unmapped on
 /// drop (unless [`Mapping::into_raw`] hands it out).
 #[derive(Debug)]
@@ -72,10 +129,13 @@ pub struct Mapping {
     prot: Protection,
 }
 
-// SAFETY: the mapping is plain memory addressed by integer; all access is through raw
-// pointers with the shared-memory rules of this module, which hold from any thread.
+// SAFETY: the mapping is plain memory addressed by integer; every accessor uses volatile
+// loads and stores through raw pointers (memory other processes write at any time cannot
+// be data-raced in a way the compiler relies on), which hold from any thread.
 unsafe impl Send for Mapping {}
-// SAFETY: as above; no method hands out references into the mapping.
+// SAFETY: as above; no method hands out references into the mapping, and `&self` methods
+// only make volatile accesses, so concurrent calls from several threads are no more than
+// the concurrent writes of other processes this module already allows for.
 unsafe impl Sync for Mapping {}
 
 impl Mapping {
@@ -260,15 +320,16 @@ impl Mapping {
         Ok((self.addr + offset as usize, len as usize))
     }
 
-    /// Copies `buf.len()` bytes at `offset` out of the mapping.
+    /// Copies `buf.len()` bytes at `offset` out of the mapping, with volatile loads (other
+    /// processes may write the bytes meanwhile; each aligned 8-byte word is read whole).
     ///
     /// # Errors
     /// `EINVAL` when the range is outside the mapping.
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        let (start, len) = self.range(offset, buf.len() as u64)?;
-        // SAFETY: the source range is inside our readable mapping; the copy uses raw
-        // pointers only, so no reference into shared memory exists.
-        unsafe { ptr::copy_nonoverlapping(start as *const u8, buf.as_mut_ptr(), len) };
+        let (start, _) = self.range(offset, buf.len() as u64)?;
+        // SAFETY: the source range is inside our readable mapping, which lives as long as
+        // `self`; `buf` is ordinary memory that does not overlap it.
+        unsafe { volatile_read(start as *const u8, buf) };
         Ok(())
     }
 
@@ -280,15 +341,17 @@ impl Mapping {
         Ok(())
     }
 
-    /// Copies `data` into the mapping at `offset`.
+    /// Copies `data` into the mapping at `offset`, with volatile stores (each aligned
+    /// 8-byte word is written whole).
     ///
     /// # Errors
     /// `EINVAL` out of range; `EACCES` for a read-only mapping.
     pub fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
         self.require_writable()?;
-        let (start, len) = self.range(offset, data.len() as u64)?;
-        // SAFETY: the target range is inside our writable mapping; raw-pointer copy.
-        unsafe { ptr::copy_nonoverlapping(data.as_ptr(), start as *mut u8, len) };
+        let (start, _) = self.range(offset, data.len() as u64)?;
+        // SAFETY: the target range is inside our writable mapping, which lives as long as
+        // `self`; `data` is ordinary memory that does not overlap it.
+        unsafe { volatile_write(data, start as *mut u8) };
         Ok(())
     }
 
@@ -374,6 +437,25 @@ mod tests {
         let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
         let start = format!("{:x}-{:x} ", m.addr(), m.addr() + m.len());
         assert!(maps.contains(&start), "{start} not in maps");
+    }
+
+    #[test]
+    fn volatile_copies_at_every_alignment() {
+        let fd = crate::fd::memfd_create("kg-map", false).unwrap();
+        crate::fd::ftruncate(&fd, 1 << 16).unwrap();
+        let m = Mapping::map_aligned(&fd, 1 << 16, Protection::ReadWrite, 4096).unwrap();
+        let data: Vec<u8> = (0..100u8).collect();
+        for off in 0..17u64 {
+            for len in [0usize, 1, 7, 8, 9, 15, 16, 17, 100] {
+                m.write_at(1000 + off, &data[..len]).unwrap();
+                let mut back = vec![0xAAu8; len];
+                m.read_at(1000 + off, &mut back).unwrap();
+                assert_eq!(back, &data[..len], "offset {off}, length {len}");
+                let mut file = vec![0u8; len];
+                crate::fd::pread_full(&fd, &mut file, 1000 + off).unwrap();
+                assert_eq!(file, &data[..len], "file at offset {off}, length {len}");
+            }
+        }
     }
 
     #[test]

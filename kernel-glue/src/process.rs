@@ -11,12 +11,17 @@ pub fn geteuid() -> u32 {
     unsafe { libc::geteuid() }
 }
 
-/// Safe wrapper for `kill(2)`.
+/// Safe wrapper for `kill(2)` of one process. `pid` 0 (`kill(2)`: the caller's whole
+/// process group) and pids above `i32::MAX` (negative: process groups, or every process)
+/// are refused, so a bad pid read from a file never signals more than one process.
 ///
 /// # Errors
-/// `ESRCH` for a gone process, `EPERM`.
+/// `EINVAL` for pid 0 or above `i32::MAX`; `ESRCH` for a gone process, `EPERM`.
 pub fn kill(pid: u32, signal: i32) -> io::Result<()> {
-    let pid = i32::try_from(pid).map_err(|_| crate::errno(libc::EINVAL))?;
+    let pid = i32::try_from(pid)
+        .ok()
+        .filter(|&p| p > 0)
+        .ok_or_else(|| crate::errno(libc::EINVAL))?;
     // SAFETY: plain syscall.
     check_retval(unsafe { libc::kill(pid, signal) })?;
     Ok(())
@@ -57,8 +62,9 @@ pub fn stdio_to_devnull() -> io::Result<()> {
         .write(true)
         .open("/dev/null")?;
     for target in [0, 1] {
-        // SAFETY: dup2 onto fds 0 and 1 replaces the standard streams; Rust's std handles
-        // keep working with the new files.
+        // SAFETY: fds 0 and 1 are the standard streams, which std owns (it opens them at
+        // start-up if closed; no `OwnedFd` of safe code holds them); dup2 swaps the open
+        // file behind them atomically, and std's handles keep working with the new files.
         check_retval(unsafe { libc::dup2(null.as_raw_fd(), target) })?;
     }
     Ok(())
@@ -73,4 +79,18 @@ pub fn set_parent_death_signal(signal: i32) -> io::Result<()> {
     // SAFETY: PR_SET_PDEATHSIG takes a signal number and changes only this process.
     check_retval(unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, signal as libc::c_ulong) })?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kill_refuses_groups() {
+        for pid in [0, u32::MAX, 1 << 31] {
+            let e = kill(pid, 0).unwrap_err();
+            assert_eq!(e.raw_os_error(), Some(libc::EINVAL), "pid {pid}");
+        }
+        kill(std::process::id(), 0).unwrap();
+    }
 }

@@ -94,7 +94,8 @@ pub fn recv_with_fd(sock: impl AsFd, buf: &mut [u8]) -> io::Result<(usize, Optio
             if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
                 let data = libc::CMSG_DATA(cmsg) as *const i32;
                 let header = libc::CMSG_LEN(0) as usize;
-                let count = ((*cmsg).cmsg_len as usize - header) / mem::size_of::<i32>();
+                let count =
+                    ((*cmsg).cmsg_len as usize).saturating_sub(header) / mem::size_of::<i32>();
                 for i in 0..count {
                     let fd = OwnedFd::from_raw_fd(ptr::read_unaligned(data.add(i)));
                     if first.is_none() {

@@ -1,7 +1,8 @@
 /*
  * mshare.h: the C API of libmshare, the msharefs client library.
  *
- * Link with -lmshare (libmshare.so or libmshare.a from `cargo build --release`).
+ * Link with `pkg-config --cflags --libs mshare` (an installed libmshare.so.0, from
+ * `make install`) or -lmshare (libmshare.so or libmshare.a of `cargo build --release`).
  *
  * Conventions:
  * - Every int-returning function returns 0 on success or a negative errno (-EINVAL,
@@ -21,6 +22,22 @@
 
 #include <stddef.h>
 #include <stdint.h>
+
+/**
+ * Major version of the library this header belongs to (`mshare_version()` gives the
+ * library's at run time). The shared library's SONAME is `libmshare.so.MAJOR`.
+ */
+#define MSHARE_VERSION_MAJOR 0u
+
+/**
+ * Minor version: new functions, compatible.
+ */
+#define MSHARE_VERSION_MINOR 1u
+
+/**
+ * Patch version: fixes only.
+ */
+#define MSHARE_VERSION_PATCH 0u
 
 /**
  * The mount's default backing (`msharefs mount --backing`): hugetlb unless configured
@@ -58,7 +75,13 @@
  * `mshare_open` and released by `mshare_close`.
  *
  * A handle may be used by several threads at once, except that `mshare_close` must be
- * the last call on it. After `fork`, the child may keep using an inherited handle, as
+ * the last call on it.
+ *
+ * A handle survives a restart of the msharefs daemon (a crash, or `umount` and `mount`
+ * with the same state directory): its attachments keep working throughout, and once the
+ * mount is back `mshare_attach`, `mshare_create_mapping` and `mshare_unmap` reopen the
+ * region by the path it was opened by (same access mode, same region: `-ESTALE` if the
+ * path now names another one). While the daemon is down they fail with `-ENOTCONN`. After `fork`, the child may keep using an inherited handle, as
  * long as no other thread of the parent was inside an `mshare_*` call on it at the time.
  */
 typedef struct mshare_region mshare_region;
@@ -194,7 +217,8 @@ int mshare_stat(const struct mshare_region *r, struct mshare_region_stat *out);
  *
  * Returns 0 or a negative errno: `-EINVAL` for a NULL pointer or another `prot`;
  * `-EACCES` for `PROT_WRITE` on a handle opened `O_RDONLY`; `-ENOMEM` when no aligned
- * range of address space is free; the daemon's errno when it refuses the backing.
+ * range of address space is free; `-ENOTCONN` while the msharefs daemon is down; the
+ * daemon's errno when it refuses the backing.
  *
  * # Safety
  * `r` is NULL or a live handle; `addr_out` is NULL or writable.
@@ -212,6 +236,37 @@ int mshare_attach(struct mshare_region *r, int prot, void **addr_out);
  * `r` is NULL or a live handle. No pointer into the mapping may be used afterwards.
  */
 int mshare_detach(struct mshare_region *r, void *addr);
+
+/**
+ * Creates an anonymous object of `size` bytes at byte `offset` of the region, with
+ * protection `prot` (`PROT_READ`, `PROT_WRITE`, `PROT_EXEC` bits): the kernel mshare v3's
+ * `MSHAREFS_CREATE_MAPPING` with `MAP_SHARED | MAP_FIXED | MAP_ANONYMOUS`. The object's
+ * memory is populated now and seen by every attacher.
+ *
+ * Returns 0 or a negative errno: `-EINVAL` for a NULL handle, a range that is not
+ * page-aligned or not inside the region, a region whose size is unset or a bad `prot`;
+ * `-EEXIST` when the range overlaps an object; `-EBADF` on a handle opened `O_RDONLY`;
+ * `-ENOTCONN` while the msharefs daemon is down (after a restart the handle reopens
+ * the region by its path and the call succeeds).
+ *
+ * # Safety
+ * `r` is NULL or a live handle.
+ */
+int mshare_create_mapping(struct mshare_region *r, uint64_t offset, uint64_t size, int prot);
+
+/**
+ * Removes the objects in `[offset, offset + size)` of the region, discarding their
+ * contents in every attacher (the memory stays reserved and reads as zero): the kernel
+ * mshare v3's `MSHAREFS_UNMAP`.
+ *
+ * Returns 0 or a negative errno: `-EINVAL` for a NULL handle or a range that is not
+ * page-aligned or not inside the region; `-EBADF` on a handle opened `O_RDONLY`;
+ * `-ENOTCONN` while the msharefs daemon is down.
+ *
+ * # Safety
+ * `r` is NULL or a live handle.
+ */
+int mshare_unmap(struct mshare_region *r, uint64_t offset, uint64_t size);
 
 /**
  * Closes a handle. Attachments stay mapped (release them with `munmap(addr, size)`).

@@ -23,6 +23,36 @@ use kernel_glue::mapping::Protection;
 use crate::region::{Backing, Region};
 use crate::uapi;
 
+/// Major version of the library this header belongs to (`mshare_version()` gives the
+/// library's at run time). The shared library's SONAME is `libmshare.so.MAJOR`.
+pub const MSHARE_VERSION_MAJOR: c_uint = 0u32;
+/// Minor version: new functions, compatible.
+pub const MSHARE_VERSION_MINOR: c_uint = 1u32;
+/// Patch version: fixes only.
+pub const MSHARE_VERSION_PATCH: c_uint = 0u32;
+
+/// The number a decimal string of digits stands for (the version parts of Cargo's
+/// environment), at compile time.
+const fn parse_version_part(s: &str) -> c_uint {
+    let b = s.as_bytes();
+    let mut n: c_uint = 0;
+    let mut i = 0;
+    while i < b.len() {
+        n = n * 10 + (b[i] - b'0') as c_uint;
+        i += 1;
+    }
+    n
+}
+
+// cbindgen needs literals for the header's #defines; these keep them equal to the crate
+// version (`cargo build` fails when Cargo.toml's version moves without them).
+const _: () = assert!(
+    MSHARE_VERSION_MAJOR == parse_version_part(env!("CARGO_PKG_VERSION_MAJOR"))
+        && MSHARE_VERSION_MINOR == parse_version_part(env!("CARGO_PKG_VERSION_MINOR"))
+        && MSHARE_VERSION_PATCH == parse_version_part(env!("CARGO_PKG_VERSION_PATCH")),
+    "MSHARE_VERSION_* differ from the crate version in Cargo.toml"
+);
+
 /// The mount's default backing (`msharefs mount --backing`): hugetlb unless configured
 /// otherwise.
 pub const MSHARE_BACKING_DEFAULT: c_uint = 0u32;
@@ -49,7 +79,13 @@ pub const MSHARE_STAT_SHARED_TABLES: c_uint = 2u32;
 /// `mshare_open` and released by `mshare_close`.
 ///
 /// A handle may be used by several threads at once, except that `mshare_close` must be
-/// the last call on it. After `fork`, the child may keep using an inherited handle, as
+/// the last call on it.
+///
+/// A handle survives a restart of the msharefs daemon (a crash, or `umount` and `mount`
+/// with the same state directory): its attachments keep working throughout, and once the
+/// mount is back `mshare_attach`, `mshare_create_mapping` and `mshare_unmap` reopen the
+/// region by the path it was opened by (same access mode, same region: `-ESTALE` if the
+/// path now names another one). While the daemon is down they fail with `-ENOTCONN`. After `fork`, the child may keep using an inherited handle, as
 /// long as no other thread of the parent was inside an `mshare_*` call on it at the time.
 pub struct mshare_region {
     region: Region,
@@ -313,7 +349,8 @@ pub unsafe extern "C" fn mshare_stat(
 ///
 /// Returns 0 or a negative errno: `-EINVAL` for a NULL pointer or another `prot`;
 /// `-EACCES` for `PROT_WRITE` on a handle opened `O_RDONLY`; `-ENOMEM` when no aligned
-/// range of address space is free; the daemon's errno when it refuses the backing.
+/// range of address space is free; `-ENOTCONN` while the msharefs daemon is down; the
+/// daemon's errno when it refuses the backing.
 ///
 /// # Safety
 /// `r` is NULL or a live handle; `addr_out` is NULL or writable.
@@ -367,6 +404,52 @@ pub unsafe extern "C" fn mshare_detach(r: *mut mshare_region, addr: *mut c_void)
         unsafe { kernel_glue::mapping::munmap(a, len) }?;
         list.swap_remove(i);
         Ok(())
+    })
+}
+
+/// Creates an anonymous object of `size` bytes at byte `offset` of the region, with
+/// protection `prot` (`PROT_READ`, `PROT_WRITE`, `PROT_EXEC` bits): the kernel mshare v3's
+/// `MSHAREFS_CREATE_MAPPING` with `MAP_SHARED | MAP_FIXED | MAP_ANONYMOUS`. The object's
+/// memory is populated now and seen by every attacher.
+///
+/// Returns 0 or a negative errno: `-EINVAL` for a NULL handle, a range that is not
+/// page-aligned or not inside the region, a region whose size is unset or a bad `prot`;
+/// `-EEXIST` when the range overlaps an object; `-EBADF` on a handle opened `O_RDONLY`;
+/// `-ENOTCONN` while the msharefs daemon is down (after a restart the handle reopens
+/// the region by its path and the call succeeds).
+///
+/// # Safety
+/// `r` is NULL or a live handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn mshare_create_mapping(
+    r: *mut mshare_region,
+    offset: u64,
+    size: u64,
+    prot: c_int,
+) -> c_int {
+    boundary(|| {
+        // SAFETY: `r` is NULL or a live handle (function contract).
+        let h = unsafe { handle(r) }?;
+        h.region.create_mapping(offset, size, prot)
+    })
+}
+
+/// Removes the objects in `[offset, offset + size)` of the region, discarding their
+/// contents in every attacher (the memory stays reserved and reads as zero): the kernel
+/// mshare v3's `MSHAREFS_UNMAP`.
+///
+/// Returns 0 or a negative errno: `-EINVAL` for a NULL handle or a range that is not
+/// page-aligned or not inside the region; `-EBADF` on a handle opened `O_RDONLY`;
+/// `-ENOTCONN` while the msharefs daemon is down.
+///
+/// # Safety
+/// `r` is NULL or a live handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn mshare_unmap(r: *mut mshare_region, offset: u64, size: u64) -> c_int {
+    boundary(|| {
+        // SAFETY: `r` is NULL or a live handle (function contract).
+        let h = unsafe { handle(r) }?;
+        h.region.unmap(offset, size)
     })
 }
 
@@ -465,6 +548,8 @@ fn describe(err: c_int) -> &'static CStr {
         ENOTCONN => c"ENOTCONN: the msharefs mount is disconnected from its daemon",
         ETIMEDOUT => c"ETIMEDOUT: connection timed out",
         EDQUOT => c"EDQUOT: the region owner's quota (msharefs mount --user-quota) is exceeded",
+        ESTALE => c"ESTALE: the region's path now names another region",
+        ECONNABORTED => c"ECONNABORTED: the msharefs daemon went away during the call",
         _ => c"unknown error",
     }
 }
@@ -506,6 +591,11 @@ mod tests {
                 -libc::EINVAL
             );
             assert_eq!(mshare_unlink(ptr::null()), -libc::EINVAL);
+            assert_eq!(
+                mshare_create_mapping(ptr::null_mut(), 0, 4096, libc::PROT_READ),
+                -libc::EINVAL
+            );
+            assert_eq!(mshare_unmap(ptr::null_mut(), 0, 4096), -libc::EINVAL);
             mshare_close(ptr::null_mut());
         }
         assert_eq!((size, b), (7, 7));

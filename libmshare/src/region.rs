@@ -14,6 +14,7 @@
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::{PoisonError, RwLock};
 
 use kernel_glue::errnos::*;
 use kernel_glue::mapping::{Mapping, Protection};
@@ -97,14 +98,32 @@ enum Kind {
     Msharefs { socket: PathBuf },
 }
 
-/// An open region. Dropping it closes the descriptor; attachments stay valid.
+/// The open file of a region and what its daemon said about it. Replaced as a whole
+/// when the region is reopened after a daemon restart.
 #[derive(Debug)]
-pub struct Region {
+struct Open {
     fd: OwnedFd,
     size: u64,
     backing: Backing,
-    writable: bool,
     kind: Kind,
+}
+
+/// An open region. Dropping it closes the descriptor; attachments stay valid.
+///
+/// A region survives a restart of its daemon (crash or `umount` and `mount` with the same
+/// state directory): its descriptor then belongs to the old, dead FUSE connection, so
+/// when an attach or an object ioctl fails and the descriptor answers `ENOTCONN` or
+/// `ECONNABORTED`, the region is opened again by its path (with the same access mode),
+/// checked to be the same region (inode number, size, backing; `ESTALE` otherwise) and
+/// the call is repeated once. While the daemon is down such calls fail with `ENOTCONN`.
+#[derive(Debug)]
+pub struct Region {
+    open: RwLock<Open>,
+    /// Absolute path it was opened by, for reopening.
+    path: PathBuf,
+    /// Inode number of the region file (msharefs keeps it across restarts).
+    ino: u64,
+    writable: bool,
 }
 
 fn info(fd: impl AsFd) -> io::Result<uapi::MshareRegionInfo> {
@@ -118,6 +137,27 @@ fn info(fd: impl AsFd) -> io::Result<uapi::MshareRegionInfo> {
         }
     })?;
     Ok(info)
+}
+
+/// Whether `e` is what a descriptor of a FUSE connection whose daemon is gone answers.
+fn is_dead_connection(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(ENOTCONN | ECONNABORTED))
+}
+
+/// The `Open` of a region file on msharefs.
+fn msharefs_open(fd: OwnedFd) -> io::Result<Open> {
+    let info = info(&fd)?;
+    Ok(Open {
+        size: info.size,
+        backing: Backing::from_raw(info.backing)?,
+        kind: Kind::Msharefs {
+            // Empty when the daemon reported none: attaching then fails.
+            socket: crate::interpose::socket_path(&info)
+                .map(Path::to_path_buf)
+                .unwrap_or_default(),
+        },
+        fd,
+    })
 }
 
 impl Region {
@@ -156,12 +196,14 @@ impl Region {
             kfd::fallocate(&fd, 0, size).inspect_err(|_| {
                 let _ = std::fs::remove_file(path);
             })?;
-            return Ok(Region {
+            let open = Open {
                 fd,
                 size,
                 backing: Backing::Hugetlb,
-                writable: true,
                 kind: Kind::Direct,
+            };
+            return Self::new(path, open, true).inspect_err(|_| {
+                let _ = std::fs::remove_file(path);
             });
         }
         // Build the region under a hidden temporary name and rename it into place once its
@@ -192,8 +234,19 @@ impl Region {
         info(&fd).map_err(undo)?;
         kfd::ftruncate(&fd, size).map_err(undo)?;
         kfd::renameat2(&tmp, path, consts::RENAME_NOREPLACE).map_err(undo)?;
-        Self::from_msharefs_fd(fd, true).inspect_err(|_| {
-            let _ = std::fs::remove_file(path);
+        msharefs_open(fd)
+            .and_then(|open| Self::new(path, open, true))
+            .inspect_err(|_| {
+                let _ = std::fs::remove_file(path);
+            })
+    }
+
+    fn new(path: &Path, open: Open, writable: bool) -> io::Result<Region> {
+        Ok(Region {
+            ino: kfd::fstat(&open.fd)?.ino,
+            path: std::path::absolute(path)?,
+            open: RwLock::new(open),
+            writable,
         })
     }
 
@@ -220,46 +273,31 @@ impl Region {
         }
         let fd = kfd::open(path, oflags, 0)?;
         let writable = acc == consts::O_RDWR;
-        match kfd::fstatfs(&fd)?.fs_type {
-            kernel_glue::HUGETLBFS_MAGIC => {
-                let size = kfd::fstat(&fd)?.size;
-                Ok(Region {
-                    fd,
-                    size,
-                    backing: Backing::Hugetlb,
-                    writable,
-                    kind: Kind::Direct,
-                })
-            }
-            kernel_glue::FUSE_SUPER_MAGIC => Self::from_msharefs_fd(fd, writable),
-            _ => Err(kernel_glue::errno(ENODEV)),
-        }
+        let open = match kfd::fstatfs(&fd)?.fs_type {
+            kernel_glue::HUGETLBFS_MAGIC => Open {
+                size: kfd::fstat(&fd)?.size,
+                fd,
+                backing: Backing::Hugetlb,
+                kind: Kind::Direct,
+            },
+            kernel_glue::FUSE_SUPER_MAGIC => msharefs_open(fd)?,
+            _ => return Err(kernel_glue::errno(ENODEV)),
+        };
+        Self::new(path, open, writable)
     }
 
-    fn from_msharefs_fd(fd: OwnedFd, writable: bool) -> io::Result<Region> {
-        let info = info(&fd)?;
-        Ok(Region {
-            size: info.size,
-            backing: Backing::from_raw(info.backing)?,
-            writable,
-            kind: Kind::Msharefs {
-                // Empty when the daemon reported none: attaching then fails.
-                socket: crate::interpose::socket_path(&info)
-                    .map(Path::to_path_buf)
-                    .unwrap_or_default(),
-            },
-            fd,
-        })
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Open> {
+        self.open.read().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Region size in bytes (0 while its size is unset).
     pub fn size(&self) -> u64 {
-        self.size
+        self.read().size
     }
 
     /// The region's backing.
     pub fn backing(&self) -> Backing {
-        self.backing
+        self.read().backing
     }
 
     /// Whether the region was opened for writing.
@@ -267,9 +305,66 @@ impl Region {
         self.writable
     }
 
-    /// The open descriptor of the region file.
-    pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
-        self.fd.as_fd()
+    /// The absolute path the region was opened by (and is reopened by).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A new descriptor of the region file (`dup`): the current one, which changes when
+    /// the region is reopened after a daemon restart.
+    ///
+    /// # Errors
+    /// `EMFILE` and the like.
+    pub fn try_clone_fd(&self) -> io::Result<OwnedFd> {
+        self.read().fd.try_clone()
+    }
+
+    /// Runs `op` on the open file; if it fails because the descriptor's FUSE connection
+    /// is gone (the daemon was restarted), reopens the region by its path and runs `op`
+    /// once more. While the daemon is down the reopen fails with `ENOTCONN`, which is
+    /// returned.
+    fn with_open<T>(&self, mut op: impl FnMut(&Open) -> io::Result<T>) -> io::Result<T> {
+        let err = match op(&self.read()) {
+            Ok(v) => return Ok(v),
+            Err(e) => e,
+        };
+        if !self.connection_lost(&self.read()) {
+            return Err(err);
+        }
+        self.reopen()?;
+        op(&self.read())
+    }
+
+    /// Whether `open`'s descriptor belongs to a FUSE connection whose daemon is gone.
+    fn connection_lost(&self, open: &Open) -> bool {
+        matches!(open.kind, Kind::Msharefs { .. })
+            && info(&open.fd).is_err_and(|e| is_dead_connection(&e))
+    }
+
+    /// Opens the region again by its path, unless another thread already did, and checks
+    /// that it is the same region.
+    fn reopen(&self) -> io::Result<()> {
+        let mut open = self.open.write().unwrap_or_else(PoisonError::into_inner);
+        if !self.connection_lost(&open) {
+            return Ok(());
+        }
+        let flags = if self.writable {
+            consts::O_RDWR
+        } else {
+            consts::O_RDONLY
+        };
+        let fd = kfd::open(&self.path, flags, 0)?;
+        if kfd::fstat(&fd)?.ino != self.ino {
+            return Err(kernel_glue::errno(ESTALE));
+        }
+        let new = msharefs_open(fd)?;
+        // A size, once set, never changes; a region found with another size or backing
+        // is not the one this handle had.
+        if new.backing != open.backing || (open.size != 0 && new.size != open.size) {
+            return Err(kernel_glue::errno(ESTALE));
+        }
+        *open = new;
+        Ok(())
     }
 
     /// Maps the whole region at a 1 GiB-aligned address with protection `prot`.
@@ -279,20 +374,75 @@ impl Region {
     /// `ReadWrite` on a read-only region; `ENOMEM` when no aligned address range is free;
     /// the daemon's errno when it refuses the backing.
     pub fn attach(&self, prot: Protection) -> io::Result<Attachment> {
-        if self.size == 0 {
-            return Err(kernel_glue::errno(EINVAL));
-        }
         if prot == Protection::ReadWrite && !self.writable {
             return Err(kernel_glue::errno(EACCES));
         }
-        let mapping = match (&self.kind, self.backing) {
-            (Kind::Msharefs { socket }, Backing::Hugetlb) => {
-                let backing = crate::interpose::request_backing(socket, self.fd.as_fd(), prot)?;
-                Mapping::map_aligned(&backing, self.size, prot, uapi::MSHARE_GRANULE)?
+        self.with_open(|open| {
+            if open.size == 0 {
+                return Err(kernel_glue::errno(EINVAL));
             }
-            _ => Mapping::map_aligned(&self.fd, self.size, prot, uapi::MSHARE_GRANULE)?,
+            let mapping = match (&open.kind, open.backing) {
+                (Kind::Msharefs { socket }, Backing::Hugetlb) => {
+                    let backing = crate::interpose::request_backing(socket, open.fd.as_fd(), prot)?;
+                    Mapping::map_aligned(&backing, open.size, prot, uapi::MSHARE_GRANULE)?
+                }
+                (Kind::Msharefs { .. }, _) => {
+                    // FUSE passthrough: the kernel maps the backing without the daemon, but
+                    // marks the region's cached atime stale, and only the daemon can make it
+                    // valid again. A descriptor whose daemon is gone could map the region
+                    // but never answer fstat again: ask the daemon first (a dead connection
+                    // then reopens the region by path), and refresh the attributes after.
+                    info(&open.fd)?;
+                    let m = Mapping::map_aligned(&open.fd, open.size, prot, uapi::MSHARE_GRANULE)?;
+                    let _ = kfd::fstat(&open.fd);
+                    m
+                }
+                (Kind::Direct, _) => {
+                    Mapping::map_aligned(&open.fd, open.size, prot, uapi::MSHARE_GRANULE)?
+                }
+            };
+            Ok(Attachment { mapping })
+        })
+    }
+
+    /// Creates an anonymous object of `size` bytes at `region_offset`, with protection
+    /// `prot` (`MSHAREFS_CREATE_MAPPING`, as the kernel's mshare v3 defines it): its
+    /// memory is populated now, and every attacher sees it.
+    ///
+    /// # Errors
+    /// `EBADF` on a read-only region; `EINVAL` for a range that is not page-aligned or
+    /// not inside the region, or a region whose size is unset; `EEXIST` when it
+    /// overlaps an object; `ENOTTY` for a region used directly on hugetlbfs.
+    pub fn create_mapping(&self, region_offset: u64, size: u64, prot: i32) -> io::Result<()> {
+        let prot = u32::try_from(prot).map_err(|_| kernel_glue::errno(EINVAL))?;
+        let req = uapi::MshareCreate {
+            region_offset,
+            size,
+            offset: 0,
+            prot,
+            flags: (consts::MAP_SHARED | consts::MAP_FIXED | consts::MAP_ANONYMOUS) as u32,
+            fd: u32::MAX,
+            _pad: 0,
         };
-        Ok(Attachment { mapping })
+        self.with_open(|open| {
+            kfd::ioctl_ptr(&open.fd, uapi::MSHAREFS_CREATE_MAPPING, &mut { req }).map(drop)
+        })
+    }
+
+    /// Removes the objects in `[region_offset, region_offset + size)`, discarding their
+    /// contents in every attacher (`MSHAREFS_UNMAP`).
+    ///
+    /// # Errors
+    /// `EBADF` on a read-only region; `EINVAL` for a range that is not page-aligned or
+    /// not inside the region; `ENOTTY` for a region used directly on hugetlbfs.
+    pub fn unmap(&self, region_offset: u64, size: u64) -> io::Result<()> {
+        let req = uapi::MshareUnmap {
+            region_offset,
+            size,
+        };
+        self.with_open(|open| {
+            kfd::ioctl_ptr(&open.fd, uapi::MSHAREFS_UNMAP, &mut { req }).map(drop)
+        })
     }
 }
 

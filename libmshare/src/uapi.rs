@@ -23,6 +23,11 @@ pub const BACKING_XATTR_C: &std::ffi::CStr = c"user.mshare.backing";
 /// closes before the rename: its creator died and no one else will ever name it.
 pub const CREATING_PREFIX: &str = ".mshare-new.";
 
+// The ioctl argument structs are plain old data (zerocopy's `FromBytes`/`IntoBytes`,
+// checked by the compiler: integer fields only, no padding), which is what
+// `kernel_glue::fd::ioctl_ptr` requires of a value the kernel writes into.
+use zerocopy::{FromBytes, Immutable, IntoBytes};
+
 const fn ioc(dir: u32, nr: u32, size: usize) -> u32 {
     (dir << 30) | ((size as u32) << 16) | ((b'x' as u32) << 8) | nr
 }
@@ -31,7 +36,7 @@ const IOC_READ: u32 = 2;
 
 /// `struct mshare_create` (kernel v3): create an object inside a region.
 #[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable)]
 pub struct MshareCreate {
     /// Byte offset of the object inside the region.
     pub region_offset: u64,
@@ -51,7 +56,7 @@ pub struct MshareCreate {
 
 /// `struct mshare_unmap` (kernel v3): remove an object, discarding its contents.
 #[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable)]
 pub struct MshareUnmap {
     /// Byte offset inside the region.
     pub region_offset: u64,
@@ -66,7 +71,7 @@ pub const SOCKET_PATH_LEN: usize = 112;
 ///
 /// On the `mshare_info` file it reports only the attach socket (size 0).
 #[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, Immutable)]
 pub struct MshareRegionInfo {
     /// Bytes a mapping of the whole region covers: the size rounded up to the page size
     /// (0 while unset).

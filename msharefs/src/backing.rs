@@ -16,6 +16,7 @@ use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
 use kernel_glue::errnos::*;
+use kernel_glue::mapping::{Mapping, Protection};
 use kernel_glue::mount::InstanceMount;
 use kernel_glue::{cgroup, consts, fd as kfd, hugepages};
 
@@ -201,25 +202,41 @@ impl Stores {
     }
 
     /// Discards the contents of `[offset, offset + len)`: they read as zero afterwards.
-    /// With `refill` the range is allocated again at once, so it stays reserved; without,
-    /// it stays a hole (its pages go back to the pool or the page allocator) until
-    /// [`Stores::fill`].
+    ///
+    /// With `refill` the pages stay allocated, so the range stays reserved: it is zeroed in
+    /// place through a mapping of it (an aligned range of the backing's page size).
+    /// Punching a hole and allocating it again, as this once did, can lose the range: a
+    /// hugetlb page freed while the pool has surplus pages (given back while still mapped)
+    /// goes back to the system, not to the pool, so the allocation that follows fails
+    /// (`ENOSPC`) and leaves a hole nobody reserved, which every attacher touching it then
+    /// meets as `SIGBUS` (tmpfs can lose the space to another region between the two calls
+    /// the same way). Without `refill` (the unmap guard) the range becomes a hole on
+    /// purpose, until [`Stores::fill`].
     ///
     /// # Errors
-    /// `fallocate` errors.
+    /// Mapping errors (`ENOMEM` without address space) or `fallocate` errors; nothing is
+    /// changed then.
     pub fn discard(
         &self,
         s: Store,
         ino: u64,
         offset: u64,
         len: u64,
-        charge: &[PathBuf],
         refill: bool,
     ) -> io::Result<()> {
+        /// Bytes zeroed per copy.
+        const CHUNK: u64 = kernel_glue::HUGE_PAGE_SIZE;
         let fd = self.open_file(s, ino, true)?;
-        kfd::fallocate_punch_hole(&fd, offset, len)?;
-        if refill {
-            self.fill(s, ino, offset, len, charge)?;
+        if !refill {
+            return kfd::fallocate_punch_hole(&fd, offset, len);
+        }
+        let m = Mapping::map_range_aligned(&fd, offset, len, Protection::ReadWrite, s.page_size())?;
+        let zeros = vec![0u8; CHUNK.min(len) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = CHUNK.min(len - done);
+            m.write_at(done, &zeros[..n as usize])?;
+            done += n;
         }
         Ok(())
     }

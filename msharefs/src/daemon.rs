@@ -1,9 +1,14 @@
-//! Daemon life cycle: `msharefs mount` (start-up, readiness, shutdown on SIGTERM) and
-//! `msharefs umount` (stop, clean a stale mount, purge).
+//! Daemon life cycle: `msharefs mount` (start-up, readiness, shutdown on SIGTERM or when
+//! the kernel ends the connection after `umount DIR`) and `msharefs umount` (stop, clean a
+//! stale mount, purge).
+//!
+//! Readiness is told twice: to `msharefs mount` in the background mode (a `ready` line on
+//! a pipe) and to systemd (`READY=1` on `$NOTIFY_SOCKET`, [`crate::notify`]), both only
+//! once the FUSE mount answers.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,6 +20,8 @@ use kernel_glue::{fd as kfd, hugepages, mount, process};
 use crate::backing::{ALL_STORES, Stores};
 use crate::fs::Core;
 use crate::fuse::MshareFuse;
+use crate::notify;
+use crate::options::MountOpts;
 use crate::paths::{self, StateDir};
 use crate::shrinker;
 use crate::state::{Store, Tree};
@@ -22,41 +29,28 @@ use crate::state::{Store, Tree};
 /// Environment variable set on the background daemon: report readiness on stdout.
 const NOTIFY_ENV: &str = "MSHAREFS_NOTIFY";
 
-/// Options of `msharefs mount`.
-#[derive(Debug, Clone)]
-pub struct MountOpts {
-    /// Mount point.
-    pub mountpoint: PathBuf,
-    /// Default backing for new regions; `None`: hugetlb when huge pages can be had.
-    pub backing: Option<Store>,
-    /// State directory; `None`: the default for the mount point.
-    pub state_dir: Option<PathBuf>,
-    /// Stay in the foreground.
-    pub foreground: bool,
-    /// Shrinker budget for idle cached tables.
-    pub table_budget: Option<u64>,
-    /// PSI threshold of the shrinker.
-    pub psi_threshold: f64,
-    /// Most bytes of region memory each non-root owner may hold; `None`: no limit.
-    pub user_quota: Option<u64>,
-    /// Arguments to pass to the background daemon.
-    pub args: Vec<String>,
-}
+/// How long a new daemon waits for the previous one of its state directory to finish
+/// when that one's mount is already gone (`umount DIR` ends the connection; the daemon
+/// then saves its state and exits within a poll interval).
+const STOPPING_GRACE: Duration = Duration::from_secs(10);
 
-impl MountOpts {
-    /// The state directory for mount point `mnt`: `--state-dir`, or the default.
-    fn state(&self, mnt: &Path) -> StateDir {
-        StateDir {
-            dir: self
-                .state_dir
-                .clone()
-                .unwrap_or_else(|| paths::default_state_dir(mnt)),
-        }
+/// The state directory for mount point `mnt`: `--state-dir` (absolute), or the default.
+fn state_of(opts: &MountOpts, mnt: &Path) -> StateDir {
+    StateDir {
+        dir: opts
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| paths::default_state_dir(mnt)),
     }
 }
 
 fn fail(msg: String) -> std::io::Error {
     std::io::Error::other(msg)
+}
+
+/// `e` with `path` named in its message (the kind is kept).
+fn at(path: &Path, e: std::io::Error) -> std::io::Error {
+    std::io::Error::new(e.kind(), format!("{}: {e}", path.display()))
 }
 
 /// Whether huge pages can be had: hugetlbfs exists and the pool can grow by one page.
@@ -91,7 +85,9 @@ fn clear_mountpoint(mnt: &Path, state: &StateDir) -> std::io::Result<()> {
     }
     match kfd::stat(mnt) {
         // Like `mkdir -p`: a fresh machine has no /mnt/mshare yet.
-        Err(e) if e.raw_os_error() == Some(ENOENT) => std::fs::create_dir_all(mnt),
+        Err(e) if e.raw_os_error() == Some(ENOENT) => {
+            std::fs::create_dir_all(mnt).map_err(|e| at(mnt, e))
+        }
         Err(e) => Err(fail(format!("{}: {e}", mnt.display()))),
         Ok(st) if st.mode & 0o170000 != 0o040000 => {
             Err(fail(format!("{}: not a directory", mnt.display())))
@@ -110,54 +106,64 @@ pub fn mount(opts: MountOpts) -> std::io::Result<()> {
     }
     let mnt = paths::absolute_mountpoint(&opts.mountpoint)?;
     if !opts.foreground {
-        return start_background(&mnt, &opts);
+        return start_background(&mnt, &opts).map(|line| println!("{line}"));
     }
-    let notify = std::env::var_os(NOTIFY_ENV).is_some();
-    if notify {
+    let tell_parent = std::env::var_os(NOTIFY_ENV).is_some();
+    if tell_parent {
         // Leave the parent's session so its exit does not hang us up.
         let _ = process::setsid();
     }
-    match run_daemon(&mnt, &opts, notify) {
+    match run_daemon(&mnt, &opts, tell_parent) {
         Ok(()) => Ok(()),
         Err(e) => {
-            if notify {
+            if tell_parent {
                 println!("error: {e}");
             }
+            let errno = kernel_glue::errno_of(&e);
+            notify::notify_or_log(&format!("STATUS=failed: {e}\nERRNO={errno}"));
             Err(e)
         }
     }
 }
 
-fn start_background(mnt: &Path, opts: &MountOpts) -> std::io::Result<()> {
-    let state = opts.state(mnt);
-    std::fs::create_dir_all(&state.dir)?;
+/// Checks the state directory (refusing a foreign one before writing anything), starts
+/// the daemon in the background and waits for its `ready`. Returns the line to print.
+pub fn start_background(mnt: &Path, opts: &MountOpts) -> std::io::Result<String> {
+    let state = state_of(opts, mnt);
+    state.prepare()?;
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .mode(0o600)
-        .open(state.log_file())?;
-    let mut child = Command::new(std::env::current_exe()?)
-        .args(&opts.args)
-        .arg("--foreground")
+        .open(state.log_file())
+        .map_err(|e| at(&state.log_file(), e))?;
+    let mut child_opts = opts.clone();
+    child_opts.state_dir = Some(state.dir.clone());
+    let exe = std::env::current_exe()?;
+    let mut child = Command::new(&exe)
+        .args(child_opts.daemon_args(mnt))
         .env(NOTIFY_ENV, "1")
+        // Readiness goes to the pipe; a service manager watching this process learns it
+        // from this process's exit, not from the daemon.
+        .env_remove(notify::NOTIFY_SOCKET)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::from(log))
-        .spawn()?;
+        .spawn()
+        .map_err(|e| at(&exe, e))?;
     let mut line = String::new();
     if let Some(out) = child.stdout.take() {
         let _ = BufReader::new(out).read_line(&mut line);
     }
     let line = line.trim();
     if line == "ready" {
-        println!(
+        return Ok(format!(
             "msharefs: {} mounted (daemon pid {}, state {}, log {})",
             mnt.display(),
             child.id(),
             state.dir.display(),
             state.log_file().display()
-        );
-        return Ok(());
+        ));
     }
     let _ = child.wait();
     let msg = line.strip_prefix("error: ").unwrap_or(line);
@@ -171,23 +177,35 @@ fn start_background(mnt: &Path, opts: &MountOpts) -> std::io::Result<()> {
     }))
 }
 
-fn run_daemon(mnt: &Path, opts: &MountOpts, notify: bool) -> std::io::Result<()> {
-    let state = opts.state(mnt);
-    if let Some(pid) = state.running_pid() {
-        if pid != std::process::id() {
+/// Refuses a state directory another live daemon uses, after giving one whose mount is
+/// already gone (it is stopping) time to finish.
+fn wait_for_previous(mnt: &Path, state: &StateDir) -> std::io::Result<()> {
+    let deadline = Instant::now() + STOPPING_GRACE;
+    while let Some(pid) = state.running_pid() {
+        if pid == std::process::id() {
+            return Ok(());
+        }
+        let mounted = mount::mount_at(mnt)?.is_some_and(|m| m.fstype.starts_with("fuse"));
+        if mounted || Instant::now() >= deadline {
             return Err(fail(format!(
                 "state directory {} is in use by daemon pid {pid}",
                 state.dir.display()
             )));
         }
+        std::thread::sleep(Duration::from_millis(50));
     }
+    Ok(())
+}
+
+fn run_daemon(mnt: &Path, opts: &MountOpts, tell_parent: bool) -> std::io::Result<()> {
+    let state = state_of(opts, mnt);
+    let user_quota = opts
+        .user_quota
+        .limit(|| kernel_glue::procfs::meminfo().map(|m| m.mem_total))
+        .map_err(|e| fail(format!("--user-quota {}: {e}", opts.user_quota.to_arg())))?;
+    state.prepare()?;
+    wait_for_previous(mnt, &state)?;
     clear_mountpoint(mnt, &state)?;
-    std::fs::create_dir_all(&state.dir)?;
-    // Others may traverse (to reach the attach socket) but not list the state directory.
-    std::fs::set_permissions(
-        &state.dir,
-        std::os::unix::fs::PermissionsExt::from_mode(0o711),
-    )?;
     let socket = state.socket();
     if socket.as_os_str().len() >= mshare::uapi::SOCKET_PATH_LEN {
         return Err(fail(format!(
@@ -195,7 +213,7 @@ fn run_daemon(mnt: &Path, opts: &MountOpts, notify: bool) -> std::io::Result<()>
             socket.display()
         )));
     }
-    paths::register(mnt, &state.dir)?;
+    paths::register(mnt, &state.dir).map_err(|e| at(&paths::registry_entry(mnt), e))?;
 
     let saved = if state.state_file().exists() {
         Some(
@@ -220,7 +238,8 @@ fn run_daemon(mnt: &Path, opts: &MountOpts, notify: bool) -> std::io::Result<()>
         (None, _) if hugetlb => Store::Hugetlb,
         (None, _) => Store::Thp,
     };
-    let stores = Stores::open(&state.dir, hugetlb || has_hugetlb_regions)?;
+    let stores = Stores::open(&state.dir, hugetlb || has_hugetlb_regions)
+        .map_err(|e| at(&state.backing_dir(), e))?;
     let mut tree = saved.unwrap_or_else(|| Tree::new(default));
     tree.default_store = default;
     let core = Arc::new(Core::new(
@@ -228,11 +247,11 @@ fn run_daemon(mnt: &Path, opts: &MountOpts, notify: bool) -> std::io::Result<()>
         stores,
         state.state_file(),
         socket.clone(),
-        opts.user_quota,
+        user_quota,
     ));
     core.recover();
     crate::shm::recover(&core);
-    crate::attach::serve(core.clone(), &socket)?;
+    crate::attach::serve(core.clone(), &socket).map_err(|e| at(&socket, e))?;
     crate::shm::spawn_reconciler(core.clone());
     shrinker::spawn(
         core.clone(),
@@ -255,14 +274,15 @@ fn run_daemon(mnt: &Path, opts: &MountOpts, notify: bool) -> std::io::Result<()>
     config.n_threads = Some(4);
     let session = fuser::Session::new(MshareFuse::new(core.clone()), mnt, &config)
         .map_err(|e| fail(format!("cannot mount {}: {e}", mnt.display())))?;
-    let bg = session.spawn()?;
+    let bg = session.spawn().map_err(|e| at(mnt, e))?;
     // The session threads answer now, so stat of our own root cannot deadlock.
-    let dev = kfd::stat(mnt)?.dev;
+    let dev = kfd::stat(mnt).map_err(|e| at(mnt, e))?.dev;
     let _ = core.fuse_dev.set(dev);
     let _ = core.mountpoint.set(mnt.to_path_buf());
     let _ = core.notifier.set(bg.notifier());
     crate::hardening::drop_capabilities();
-    std::fs::write(state.pid_file(), format!("{}\n", std::process::id()))?;
+    std::fs::write(state.pid_file(), format!("{}\n", std::process::id()))
+        .map_err(|e| at(&state.pid_file(), e))?;
     log::info!(
         "mounted {} (state {}, default backing {}, passthrough {})",
         mnt.display(),
@@ -270,39 +290,58 @@ fn run_daemon(mnt: &Path, opts: &MountOpts, notify: bool) -> std::io::Result<()>
         default.name(),
         core.passthrough.get().copied().unwrap_or(false)
     );
-    match opts.user_quota {
+    match user_quota {
         Some(q) => log::info!("user quota: {q} bytes of region memory per uid (root exempt)"),
         None => log::info!("user quota: none"),
     }
-    if notify {
+    if tell_parent {
         println!("ready");
         let _ = std::io::stdout().flush();
         let _ = process::stdio_to_devnull();
     }
+    notify::notify_or_log(&format!(
+        "READY=1\nSTATUS=msharefs mounted on {} (state {})",
+        mnt.display(),
+        state.dir.display()
+    ));
 
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGHUP,
     ])?;
-    loop {
-        if signals.pending().next().is_some() || bg.guard.is_finished() {
-            break;
+    // Ended by a signal (`msharefs umount`, systemd's stop) or by the kernel: `umount DIR`
+    // (umount(8)) removes the mount and ends the connection, and the session returns.
+    let by_kernel = loop {
+        if signals.pending().next().is_some() {
+            break false;
+        }
+        if bg.guard.is_finished() {
+            break true;
         }
         std::thread::sleep(Duration::from_millis(100));
-    }
+    };
+    notify::notify_or_log("STOPPING=1");
     // Hold the metadata lock to the end: no request changes state while we save and go.
     let inner = core.lock();
     if let Err(e) = inner.tree.save(&state.state_file()) {
         log::error!("cannot save state: {e}");
     }
-    if let Err(e) = mount::umount2(mnt, true) {
-        if e.raw_os_error() != Some(EINVAL) {
-            log::error!("cannot unmount {}: {e}", mnt.display());
+    // After umount(8) the mount point is no longer ours: a new mount may already be
+    // there, which must not be detached.
+    if !by_kernel {
+        if let Err(e) = mount::umount2(mnt, true) {
+            if e.raw_os_error() != Some(EINVAL) {
+                log::error!("cannot unmount {}: {e}", mnt.display());
+            }
         }
     }
     let _ = std::fs::remove_file(state.pid_file());
-    log::info!("stopped; region data kept in {}", state.dir.display());
+    log::info!(
+        "stopped ({}); region data kept in {}",
+        if by_kernel { "unmounted" } else { "signalled" },
+        state.dir.display()
+    );
     // Exiting closes /dev/fuse, which ends the connection: open msharefs files get
     // ENOTCONN, while mappings (passthrough or hugetlb backing) keep working.
     std::process::exit(0);
@@ -347,34 +386,47 @@ pub fn umount(mountpoint: &Path, purge: bool) -> std::io::Result<()> {
         );
         return Ok(());
     }
-    let pages = purge_state(&state)?;
+    let (pages, kept) = purge_state(&state)?;
     let _ = std::fs::remove_file(paths::registry_entry(&mnt));
     println!(
         "msharefs: {} unmounted and purged ({pages} huge pages given back)",
         mnt.display()
     );
+    if !kept.is_empty() {
+        println!(
+            "msharefs: kept what msharefs did not create in {}: {}",
+            state.dir.display(),
+            kept.join(", ")
+        );
+    }
     Ok(())
 }
 
 /// Destroys every region of a state directory: unmounts the backing stores (pages still
 /// mapped by a process go when it unmaps them), gives back the pool pages recorded, and
-/// removes the directory. Returns the pages given back.
-fn purge_state(state: &StateDir) -> std::io::Result<u64> {
+/// removes what msharefs created there ([`StateDir::purge`]); anything else stays.
+/// Returns the pages given back and the names kept.
+fn purge_state(state: &StateDir) -> std::io::Result<(u64, Vec<String>)> {
+    if state.dir.exists() && !state.is_marked() {
+        return Err(fail(format!(
+            "{}: not an msharefs state directory (no {}); nothing unmounted or removed",
+            state.dir.display(),
+            paths::MARKER
+        )));
+    }
     let pages = match Tree::load(&state.state_file()) {
         Ok(t) => t.regions().map(|(_, r)| r.pool_pages).sum(),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
-        Err(e) => return Err(e),
+        Err(e) => return Err(at(&state.state_file(), e)),
     };
-    let backing = state.dir.join("backing");
+    let backing = state.backing_dir();
     for s in ALL_STORES {
         let dir = backing.join(s.name());
         while mount::mount_at(&dir)?.is_some() {
-            mount::umount2(&dir, true)?;
+            mount::umount2(&dir, true).map_err(|e| at(&dir, e))?;
         }
     }
     hugepages::give_back(pages)?;
-    if state.dir.exists() {
-        std::fs::remove_dir_all(&state.dir)?;
-    }
-    Ok(pages)
+    let kept = state.purge(&ALL_STORES.map(|s| s.name()))?;
+    Ok((pages, kept))
 }

@@ -850,9 +850,8 @@ impl Core {
         let r = node.region().ok_or(ENOTTY)?;
         let (start, end) = object_range(r, req.region_offset, req.size)?;
         let store = r.store;
-        let charge: Vec<PathBuf> = r.cgroup.iter().cloned().collect();
         self.stores
-            .discard(store, ino, start, end - start, &charge, !self.unmap_guard)
+            .discard(store, ino, start, end - start, !self.unmap_guard)
             .map_err(|e| errno_of(&e))?;
         if let Some(r) = inner.tree.get_mut(ino).and_then(Node::region_mut) {
             let mut kept = std::collections::BTreeMap::new();

@@ -24,9 +24,34 @@ use mshare::{Backing, uapi};
 use crate::fs::{Core, FsResult, OpenMode};
 use crate::state::{Node, NodeKind};
 
-/// Attribute and entry cache time. Only the daemon changes metadata and the kernel
-/// updates its cache from our replies, so a short TTL costs little.
+/// Entry cache time, and attribute cache time of everything but sized regions. Only the
+/// daemon changes metadata and the kernel updates its cache from our replies, so a short
+/// TTL costs little.
 const TTL: Duration = Duration::from_secs(1);
+
+/// Attribute cache time of a sized region. A region's size never changes once set, and
+/// its mode, owner and times change only through this connection (the kernel updates or
+/// invalidates its cache from those replies), so the kernel may keep them as long as it
+/// likes. That is what lets `fstat` of a descriptor opened before a daemon crash answer
+/// while the daemon is down and after it is back: that descriptor stays on the old,
+/// aborted connection, whose kernel inode answers `getattr` from this cache instead of
+/// asking a daemon that is gone (`ENOTCONN`). (A `write(2)` through such a descriptor
+/// invalidates the cached size and times; `fstat` after it needs the old daemon.)
+const SIZED_REGION_ATTR_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// Open flags of every region file. `FOPEN_NOFLUSH`: the kernel sends no `FLUSH` on
+/// `close(2)` (ours answered nothing useful: region data is memory), so closing a
+/// descriptor opened before a daemon crash returns 0 instead of the dead connection's
+/// `ENOTCONN` (`fs/fuse/file.c`, `fuse_flush`).
+const REGION_FOPEN: FopenFlags = FopenFlags::FOPEN_NOFLUSH;
+
+/// The attribute TTL of `n` (see [`SIZED_REGION_ATTR_TTL`]).
+fn attr_ttl(n: &Node) -> Duration {
+    match &n.kind {
+        NodeKind::Region(r) if r.size > 0 => SIZED_REGION_ATTR_TTL,
+        _ => TTL,
+    }
+}
 
 /// The fuser `Filesystem`.
 #[derive(Debug)]
@@ -107,14 +132,14 @@ fn err(e: i32) -> Errno {
 
 fn reply_entry(r: FsResult<Node>, reply: ReplyEntry) {
     match r {
-        Ok(n) => reply.entry(&TTL, &attr(&n), Generation(0)),
+        Ok(n) => reply.entry_with_ttls(&attr_ttl(&n), &TTL, &attr(&n), Generation(0)),
         Err(e) => reply.error(err(e)),
     }
 }
 
 fn reply_attr(r: FsResult<Node>, reply: ReplyAttr) {
     match r {
-        Ok(n) => reply.attr(&TTL, &attr(&n)),
+        Ok(n) => reply.attr(&attr_ttl(&n), &attr(&n)),
         Err(e) => reply.error(err(e)),
     }
 }
@@ -308,10 +333,12 @@ impl Filesystem for MshareFuse {
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let _one = self.opening.lock().unwrap_or_else(|p| p.into_inner());
         match self.core.open(ino.0, flags.0 & consts::O_ACCMODE) {
-            Ok((fh, OpenMode::Direct)) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO),
+            Ok((fh, OpenMode::Direct)) => {
+                reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO | REGION_FOPEN)
+            }
             Ok((fh, OpenMode::Passthrough(fd))) => {
                 match self.passthrough_id(ino.0, fh, fd, |fd| reply.open_backing(fd)) {
-                    Some(id) => reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id),
+                    Some(id) => reply.opened_passthrough(FileHandle(fh), REGION_FOPEN, &id),
                     None => reply.error(Errno::EIO),
                 }
             }
@@ -348,7 +375,7 @@ impl Filesystem for MshareFuse {
                 &a,
                 Generation(0),
                 FileHandle(fh),
-                FopenFlags::FOPEN_DIRECT_IO,
+                FopenFlags::FOPEN_DIRECT_IO | REGION_FOPEN,
             ),
             OpenMode::Passthrough(fd) => {
                 match self.passthrough_id(node.ino, fh, fd, |fd| reply.open_backing(fd)) {
@@ -357,7 +384,7 @@ impl Filesystem for MshareFuse {
                         &a,
                         Generation(0),
                         FileHandle(fh),
-                        FopenFlags::empty(),
+                        REGION_FOPEN,
                         &id,
                     ),
                     None => reply.error(Errno::EIO),

@@ -2,10 +2,15 @@
 //!
 //! ```text
 //! msharefs mount MOUNTPOINT [--backing hugetlb|thp|shmem] [--state-dir DIR] [--foreground]
-//!                           [--user-quota SIZE]
+//!                           [--table-budget SIZE] [--psi-threshold PCT] [--user-quota SIZE]
 //! msharefs umount MOUNTPOINT [--purge]
 //! msharefs stat MOUNTPOINT [--json]
+//! mount.msharefs SOURCE DIR [-sfnv] [-o backing=...,state_dir=...,...]   (mount(8) helper)
 //! ```
+//!
+//! The binary is also mount(8)'s helper when called as `mount.msharefs` (a link
+//! installed as `/sbin/mount.msharefs`), so `mount -t msharefs msharefs DIR -o ...` and
+//! `/etc/fstab` lines work (module `options` parses both forms).
 //!
 //! Modules: `fuse` (FUSE operations) → `fs` (file-system logic) → `backing` (stores and
 //! reservations) and `hostmm` (host mappings that own the shared page tables), `shrinker`
@@ -21,6 +26,8 @@ mod fs;
 mod fuse;
 mod hardening;
 mod hostmm;
+mod notify;
+mod options;
 mod paths;
 mod shm;
 mod shrinker;
@@ -55,72 +62,6 @@ enum BackingArg {
     Shmem,
 }
 
-/// `--user-quota`: how much region memory each non-root owner may hold.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum UserQuota {
-    /// A number of bytes.
-    Bytes(u64),
-    /// A percentage of `MemTotal`, resolved when the daemon starts (so a re-executed
-    /// daemon and its parent agree without passing a number between them).
-    PercentOfMemTotal(u8),
-    /// No limit.
-    Unlimited,
-}
-
-/// What `--user-quota` accepts, for error messages.
-const QUOTA_FORMS: &str = "expected bytes (1073741824), a size with K, M, G or T in powers of \
-                           1024 (16G), a percentage of MemTotal (50%) or none";
-
-/// A non-empty run of ASCII digits as a number (`str::parse` alone would take `+5`).
-fn digits(s: &str) -> Option<u64> {
-    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    s.parse().ok()
-}
-
-/// Parses `--user-quota`: `1073741824`, `16G` (K/M/G/T, powers of 1024, any case), `50%`
-/// (of MemTotal, 0 to 100) or `none`. The error becomes clap's message.
-fn parse_user_quota(s: &str) -> Result<UserQuota, String> {
-    if s.eq_ignore_ascii_case("none") {
-        return Ok(UserQuota::Unlimited);
-    }
-    if let Some(p) = s.strip_suffix('%') {
-        return match digits(p) {
-            Some(p) if p <= 100 => Ok(UserQuota::PercentOfMemTotal(p as u8)),
-            _ => Err("a percentage of MemTotal is a whole number from 0 to 100".to_string()),
-        };
-    }
-    let (number, shift) = match s.as_bytes().last() {
-        Some(b'k' | b'K') => (&s[..s.len() - 1], 10),
-        Some(b'm' | b'M') => (&s[..s.len() - 1], 20),
-        Some(b'g' | b'G') => (&s[..s.len() - 1], 30),
-        Some(b't' | b'T') => (&s[..s.len() - 1], 40),
-        _ => (s, 0),
-    };
-    let n = digits(number).ok_or_else(|| QUOTA_FORMS.to_string())?;
-    n.checked_mul(1 << shift)
-        .map(UserQuota::Bytes)
-        .ok_or_else(|| "more than 2^64 - 1 bytes".to_string())
-}
-
-impl UserQuota {
-    /// The limit in bytes (`None`: no limit); `mem_total` is read only for a percentage.
-    fn limit(
-        self,
-        mem_total: impl FnOnce() -> std::io::Result<u64>,
-    ) -> std::io::Result<Option<u64>> {
-        Ok(match self {
-            UserQuota::Bytes(b) => Some(b),
-            UserQuota::PercentOfMemTotal(p) => {
-                // p <= 100, so the result fits in u64.
-                Some((u128::from(mem_total()?) * u128::from(p) / 100) as u64)
-            }
-            UserQuota::Unlimited => None,
-        })
-    }
-}
-
 /// The quota line of `msharefs stat`, from the report's `quota` object.
 fn quota_line(q: &serde_json::Value) -> String {
     let mib = |x: &serde_json::Value| x.as_u64().unwrap_or(0) >> 20;
@@ -145,26 +86,31 @@ enum Cmd {
         /// else thp].
         #[arg(long, value_enum)]
         backing: Option<BackingArg>,
-        /// Directory for the daemon's backing mounts and metadata
+        /// Directory for the daemon's backing mounts and metadata, made absolute; created
+        /// (mode 0711) if missing; an existing one must be empty or msharefs's own
         /// [default: /run/msharefs/state/NAME].
         #[arg(long)]
         state_dir: Option<PathBuf>,
-        /// Run the daemon in the foreground.
+        /// Run the daemon in the foreground (what a systemd unit runs; readiness is sent
+        /// to $NOTIFY_SOCKET).
         #[arg(long)]
         foreground: bool,
         /// Keep at most this many bytes of page tables cached for regions nobody has
-        /// attached (0: cache nothing idle) [default: no limit].
-        #[arg(long)]
+        /// attached (0: cache nothing idle; K/M/G/T suffixes) [default: no limit].
+        #[arg(long, value_name = "SIZE", allow_hyphen_values = true,
+              value_parser = options::parse_size)]
         table_budget: Option<u64>,
         /// Release every idle cached table set when memory pressure (PSI some avg10,
-        /// percent) passes this.
-        #[arg(long, default_value_t = 10.0)]
+        /// percent, 0 to 100) passes this.
+        #[arg(long, value_name = "PCT", default_value = "10", allow_hyphen_values = true,
+              value_parser = options::parse_psi_threshold)]
         psi_threshold: f64,
         /// Most region memory each user other than root may own: bytes, K/M/G/T (powers
         /// of 1024, e.g. 16G), a percentage of MemTotal (e.g. 50%), or none. Sizing a
         /// region past it fails with EDQUOT; regions root chowns to a user still count.
-        #[arg(long, value_name = "SIZE", default_value = "50%", value_parser = parse_user_quota)]
-        user_quota: UserQuota,
+        #[arg(long, value_name = "SIZE", default_value = "50%", allow_hyphen_values = true,
+              value_parser = options::parse_user_quota)]
+        user_quota: options::UserQuota,
     },
     /// Stop the daemon and remove the mount; region data stays unless --purge.
     Umount {
@@ -275,7 +221,65 @@ fn stat(mountpoint: &std::path::Path, json: bool) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The name the binary answers to as mount(8)'s helper (`/sbin/mount.msharefs`).
+const HELPER_NAME: &str = "mount.msharefs";
+
+/// `mount.msharefs SOURCE DIR [-sfnv] [-o OPTIONS]`: what mount(8) runs for
+/// `mount -t msharefs` and `/etc/fstab` lines of type msharefs.
+fn helper_main(args: &[String]) -> ExitCode {
+    let call = match options::parse_helper_args(args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{HELPER_NAME}: {e}");
+            // mount(8)'s "incorrect invocation or permissions".
+            return ExitCode::from(1);
+        }
+    };
+    init_logging(call.opts.log_level);
+    for o in &call.ignored {
+        eprintln!("{HELPER_NAME}: ignoring unknown option {o:?} (-s)");
+    }
+    if call.fake {
+        if call.verbose {
+            println!("{HELPER_NAME}: -f: options valid, nothing mounted");
+        }
+        return ExitCode::SUCCESS;
+    }
+    let r = paths::absolute_mountpoint(&call.opts.mountpoint).and_then(|mnt| {
+        if process_is_root() {
+            daemon::start_background(&mnt, &call.opts)
+        } else {
+            Err(std::io::Error::other(
+                "msharefs mount needs root (FUSE passthrough and huge-page pool)",
+            ))
+        }
+    });
+    match r {
+        Ok(line) => {
+            if call.verbose {
+                println!("{line}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{HELPER_NAME}: {e}");
+            // mount(8)'s "mount failure".
+            ExitCode::from(32)
+        }
+    }
+}
+
+fn process_is_root() -> bool {
+    kernel_glue::process::geteuid() == 0
+}
+
 fn main() -> ExitCode {
+    let mut argv = std::env::args();
+    let name = argv.next().unwrap_or_default();
+    if std::path::Path::new(&name).file_name() == Some(std::ffi::OsStr::new(HELPER_NAME)) {
+        let args: Vec<String> = argv.collect();
+        return helper_main(&args);
+    }
     let cli = Cli::parse();
     init_logging(cli.log_level);
     let r = match cli.cmd {
@@ -287,28 +291,24 @@ fn main() -> ExitCode {
             table_budget,
             psi_threshold,
             user_quota,
-        } => {
-            // The background daemon is started with the same arguments plus --foreground.
-            let args: Vec<String> = std::env::args().skip(1).collect();
-            user_quota
-                .limit(|| kernel_glue::procfs::meminfo().map(|m| m.mem_total))
-                .and_then(|user_quota| {
-                    daemon::mount(daemon::MountOpts {
-                        mountpoint,
-                        backing: backing.map(|b| match b {
-                            BackingArg::Hugetlb => state::Store::Hugetlb,
-                            BackingArg::Thp => state::Store::Thp,
-                            BackingArg::Shmem => state::Store::Shmem,
-                        }),
-                        state_dir,
-                        foreground,
-                        table_budget,
-                        psi_threshold,
-                        user_quota,
-                        args,
-                    })
-                })
-        }
+        } => (|| {
+            let mut opts = options::MountOpts::new(mountpoint);
+            opts.backing = backing.map(|b| match b {
+                BackingArg::Hugetlb => state::Store::Hugetlb,
+                BackingArg::Thp => state::Store::Thp,
+                BackingArg::Shmem => state::Store::Shmem,
+            });
+            opts.state_dir = state_dir
+                .map(|d| options::absolute_state_dir(&d))
+                .transpose()
+                .map_err(std::io::Error::other)?;
+            opts.foreground = foreground;
+            opts.table_budget = table_budget;
+            opts.psi_threshold = psi_threshold;
+            opts.user_quota = user_quota;
+            opts.log_level = cli.log_level;
+            daemon::mount(opts)
+        })(),
         Cmd::Umount { mountpoint, purge } => daemon::umount(&mountpoint, purge),
         Cmd::Stat { mountpoint, json } => stat(&mountpoint, json),
         Cmd::Bench(args) => bench::run(args),
@@ -326,79 +326,6 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn user_quota_forms() {
-        use UserQuota::*;
-        assert_eq!(parse_user_quota("1073741824"), Ok(Bytes(1 << 30)));
-        assert_eq!(parse_user_quota("0"), Ok(Bytes(0)));
-        assert_eq!(parse_user_quota("64M"), Ok(Bytes(64 << 20)));
-        assert_eq!(parse_user_quota("16G"), Ok(Bytes(16 << 30)));
-        assert_eq!(parse_user_quota("16g"), Ok(Bytes(16 << 30)));
-        assert_eq!(parse_user_quota("3k"), Ok(Bytes(3 << 10)));
-        assert_eq!(parse_user_quota("2T"), Ok(Bytes(2 << 40)));
-        assert_eq!(parse_user_quota("50%"), Ok(PercentOfMemTotal(50)));
-        assert_eq!(parse_user_quota("100%"), Ok(PercentOfMemTotal(100)));
-        assert_eq!(parse_user_quota("0%"), Ok(PercentOfMemTotal(0)));
-        assert_eq!(parse_user_quota("none"), Ok(Unlimited));
-        assert_eq!(parse_user_quota("NONE"), Ok(Unlimited));
-        assert_eq!(
-            parse_user_quota("18446744073709551615"),
-            Ok(Bytes(u64::MAX))
-        );
-    }
-
-    #[test]
-    fn bad_user_quotas_are_refused_with_a_reason() {
-        for bad in [
-            "",
-            "G",
-            "16X",
-            "16GB",
-            "16 G",
-            " 16G",
-            "-1",
-            "+5",
-            "1.5G",
-            "101%",
-            "-5%",
-            "%",
-            "50 %",
-            "1e9",
-            "unlimited",
-            "16G%",
-        ] {
-            assert!(parse_user_quota(bad).is_err(), "{bad:?} was accepted");
-        }
-        assert!(parse_user_quota("16X").unwrap_err().contains("16G"));
-        assert!(parse_user_quota("101%").unwrap_err().contains("0 to 100"));
-        assert!(
-            parse_user_quota("16777216T")
-                .unwrap_err()
-                .contains("more than")
-        );
-        assert!(parse_user_quota("18446744073709551616").is_err());
-    }
-
-    #[test]
-    fn user_quota_limits() {
-        let never = || -> std::io::Result<u64> { panic!("MemTotal read for a fixed size") };
-        assert_eq!(UserQuota::Bytes(5).limit(never).unwrap(), Some(5));
-        assert_eq!(UserQuota::Unlimited.limit(never).unwrap(), None);
-        let total = || Ok(24 << 30);
-        assert_eq!(
-            UserQuota::PercentOfMemTotal(50).limit(total).unwrap(),
-            Some(12 << 30)
-        );
-        assert_eq!(
-            UserQuota::PercentOfMemTotal(100)
-                .limit(|| Ok(u64::MAX))
-                .unwrap(),
-            Some(u64::MAX)
-        );
-        let fails = || Err(std::io::Error::other("no /proc"));
-        assert!(UserQuota::PercentOfMemTotal(50).limit(fails).is_err());
-    }
 
     #[test]
     fn quota_line_reads_the_report() {

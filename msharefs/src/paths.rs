@@ -31,6 +31,14 @@ impl StateDir {
     pub fn socket(&self) -> PathBuf {
         self.dir.join("attach.sock")
     }
+    /// The marker that makes a directory an msharefs state directory.
+    pub fn marker(&self) -> PathBuf {
+        self.dir.join(MARKER)
+    }
+    /// The directory of the backing stores' mount points.
+    pub fn backing_dir(&self) -> PathBuf {
+        self.dir.join(BACKING_DIR)
+    }
     /// The pid of a running daemon, if any.
     pub fn running_pid(&self) -> Option<u32> {
         let pid: u32 = std::fs::read_to_string(self.pid_file())
@@ -39,6 +47,169 @@ impl StateDir {
             .parse()
             .ok()?;
         kernel_glue::process::alive(pid).then_some(pid)
+    }
+}
+
+/// The marker file msharefs writes into every state directory it uses. Its second line
+/// says whether msharefs created the directory (then `--purge` removes it once empty).
+pub const MARKER: &str = ".msharefs-state";
+/// The backing stores' directory inside a state directory.
+const BACKING_DIR: &str = "backing";
+/// The files msharefs creates in a state directory, besides the marker and `backing/`.
+const OWN_FILES: [&str; 5] = [
+    "state.json",
+    "state.json.tmp",
+    "daemon.log",
+    "daemon.pid",
+    "attach.sock",
+];
+
+fn at(path: &Path, e: std::io::Error) -> std::io::Error {
+    std::io::Error::new(e.kind(), format!("{}: {e}", path.display()))
+}
+
+impl StateDir {
+    /// Whether the directory carries msharefs's marker.
+    pub fn is_marked(&self) -> bool {
+        self.marker().is_file()
+    }
+
+    /// Makes the directory ready for a daemon, touching nothing that is not msharefs's:
+    ///
+    /// - missing: created (parents too), mode 0711 (others may reach the attach socket,
+    ///   not list), and marked as created by msharefs;
+    /// - marked: used as it is (its mode is whatever its owner chose);
+    /// - empty, or holding only names msharefs uses (a directory of an older msharefs):
+    ///   marked as adopted, its mode left alone;
+    /// - anything else: refused, nothing written.
+    ///
+    /// # Errors
+    /// A message naming the directory: not a directory, foreign and not empty, or the
+    /// system error of creating it or its marker.
+    pub fn prepare(&self) -> std::io::Result<()> {
+        let dir = &self.dir;
+        match std::fs::metadata(dir) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if let Some(parent) = dir.parent() {
+                    std::fs::create_dir_all(parent).map_err(|e| at(parent, e))?;
+                }
+                match std::fs::create_dir(dir) {
+                    Ok(()) => {
+                        // Ours: the mode is exact, whatever the umask (systemd's 0077).
+                        std::fs::set_permissions(
+                            dir,
+                            std::os::unix::fs::PermissionsExt::from_mode(0o711),
+                        )
+                        .map_err(|e| at(dir, e))?;
+                        return self.write_marker(true);
+                    }
+                    // Created meanwhile by someone else: judge it like any existing one.
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                    Err(e) => return Err(at(dir, e)),
+                }
+            }
+            Err(e) => return Err(at(dir, e)),
+            Ok(m) if !m.is_dir() => {
+                return Err(std::io::Error::other(format!(
+                    "state directory {}: not a directory",
+                    dir.display()
+                )));
+            }
+            Ok(_) => {}
+        }
+        if self.is_marked() {
+            return Ok(());
+        }
+        let foreign: Vec<String> = std::fs::read_dir(dir)
+            .map_err(|e| at(dir, e))?
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n != BACKING_DIR && !OWN_FILES.contains(&n.as_str()))
+            .collect();
+        if !foreign.is_empty() {
+            return Err(std::io::Error::other(format!(
+                "state directory {} is not empty and not msharefs's (no {MARKER}; it holds \
+                 {}): refusing to use it; choose a new or empty directory",
+                dir.display(),
+                foreign
+                    .iter()
+                    .take(3)
+                    .map(|n| format!("{n:?}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+                    + if foreign.len() > 3 { ", ..." } else { "" }
+            )));
+        }
+        self.write_marker(false)
+    }
+
+    fn write_marker(&self, created: bool) -> std::io::Result<()> {
+        let text = format!(
+            "msharefs state directory
+created: {}
+",
+            if created { "yes" } else { "no" }
+        );
+        std::fs::write(self.marker(), text).map_err(|e| at(&self.marker(), e))
+    }
+
+    /// Whether the marker says msharefs created the directory.
+    fn created_by_us(&self) -> bool {
+        std::fs::read_to_string(self.marker()).is_ok_and(|t| t.lines().any(|l| l == "created: yes"))
+    }
+
+    /// Removes what msharefs put into the directory (the caller has unmounted the backing
+    /// stores): its files, the empty store mount points and `backing/`, the marker, and
+    /// the directory itself when msharefs created it and nothing else is left. Anything
+    /// else stays. Returns the names of what was kept.
+    ///
+    /// # Errors
+    /// A directory without the marker (nothing is removed); a removal that fails.
+    pub fn purge(&self, stores: &[&str]) -> std::io::Result<Vec<String>> {
+        let dir = &self.dir;
+        if !dir.exists() {
+            return Ok(Vec::new());
+        }
+        if !self.is_marked() {
+            return Err(std::io::Error::other(format!(
+                "{}: not an msharefs state directory (no {MARKER}); nothing removed",
+                dir.display()
+            )));
+        }
+        let gone_ok = |r: std::io::Result<()>, p: &Path| match r {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(at(p, e)),
+            _ => Ok(()),
+        };
+        let backing = self.backing_dir();
+        for s in stores {
+            let d = backing.join(s);
+            // `remove_dir` removes only an empty directory: files someone put there stay.
+            if let Err(e) = std::fs::remove_dir(&d) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    log::warn!("kept {}: {e}", d.display());
+                }
+            }
+        }
+        if let Err(e) = std::fs::remove_dir(&backing) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                log::warn!("kept {}: {e}", backing.display());
+            }
+        }
+        for f in OWN_FILES {
+            let p = dir.join(f);
+            gone_ok(std::fs::remove_file(&p), &p)?;
+        }
+        let created = self.created_by_us();
+        gone_ok(std::fs::remove_file(self.marker()), &self.marker())?;
+        let kept: Vec<String> = std::fs::read_dir(dir)
+            .map_err(|e| at(dir, e))?
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        if kept.is_empty() && created {
+            gone_ok(std::fs::remove_dir(dir), dir)?;
+        }
+        Ok(kept)
     }
 }
 
@@ -64,14 +235,13 @@ pub fn mount_name(mountpoint: &Path) -> String {
 
 /// The mount point as an absolute path, without touching the mount point itself (a dead
 /// FUSE mount answers `ENOTCONN` to everything): its parent is canonicalized.
+///
+/// # Errors
+/// The working directory or the parent cannot be resolved; the message names `p`.
 pub fn absolute_mountpoint(p: &Path) -> std::io::Result<PathBuf> {
-    let abs = if p.is_absolute() {
-        p.to_path_buf()
-    } else {
-        std::env::current_dir()?.join(p)
-    };
+    let abs = std::path::absolute(p).map_err(|e| at(p, e))?;
     match (abs.parent(), abs.file_name()) {
-        (Some(parent), Some(name)) => Ok(parent.canonicalize()?.join(name)),
+        (Some(parent), Some(name)) => Ok(parent.canonicalize().map_err(|e| at(p, e))?.join(name)),
         _ => Ok(abs),
     }
 }
@@ -113,6 +283,97 @@ pub fn register(mountpoint: &Path, state: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn scratch(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("msharefs-paths-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn new_directories_are_created_marked_and_purged_whole() {
+        let root = scratch("new");
+        let st = StateDir {
+            dir: root.join("a/b"),
+        };
+        st.prepare().unwrap();
+        assert!(st.is_marked() && st.created_by_us());
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&st.dir).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o711);
+        std::fs::write(st.state_file(), "{}").unwrap();
+        std::fs::create_dir_all(st.backing_dir().join("thp")).unwrap();
+        st.prepare().unwrap();
+        assert_eq!(
+            st.purge(&["hugetlb", "thp", "shmem"]).unwrap(),
+            Vec::<String>::new()
+        );
+        assert!(!st.dir.exists());
+        // Parents it created stay (they may be shared, like /run/msharefs/state).
+        assert!(root.join("a").is_dir());
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn foreign_directories_are_refused_and_untouched() {
+        let root = scratch("foreign");
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::write(root.join("passwd"), "x").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o750)).unwrap();
+        let st = StateDir { dir: root.clone() };
+        let e = st.prepare().unwrap_err().to_string();
+        assert!(
+            e.contains(&root.display().to_string()) && e.contains("passwd"),
+            "{e}"
+        );
+        assert!(!st.is_marked());
+        let e = st.purge(&["thp"]).unwrap_err().to_string();
+        assert!(e.contains("nothing removed"), "{e}");
+        assert!(root.join("passwd").exists());
+        let mode = std::fs::metadata(&root).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o750);
+        // A file is not a directory.
+        let file = StateDir {
+            dir: root.join("passwd"),
+        };
+        assert!(
+            file.prepare()
+                .unwrap_err()
+                .to_string()
+                .contains("not a directory")
+        );
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn adopted_directories_keep_their_mode_and_foreign_files_survive_purge() {
+        let root = scratch("adopt");
+        std::fs::create_dir_all(&root).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o750)).unwrap();
+        let st = StateDir { dir: root.clone() };
+        st.prepare().unwrap();
+        assert!(st.is_marked() && !st.created_by_us());
+        let mode = std::fs::metadata(&root).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o750);
+        std::fs::write(st.log_file(), "log").unwrap();
+        std::fs::write(root.join("notes.txt"), "mine").unwrap();
+        std::fs::create_dir_all(st.backing_dir().join("shmem")).unwrap();
+        std::fs::write(st.backing_dir().join("shmem/keep"), "x").unwrap();
+        let kept = st.purge(&["hugetlb", "thp", "shmem"]).unwrap();
+        assert_eq!(kept.len(), 2, "{kept:?}");
+        assert!(root.join("notes.txt").exists());
+        assert!(st.backing_dir().join("shmem/keep").exists());
+        assert!(!st.log_file().exists() && !st.is_marked());
+        std::fs::remove_dir_all(&root).unwrap();
+        // An empty adopted directory is left in place, empty.
+        std::fs::create_dir_all(&root).unwrap();
+        st.prepare().unwrap();
+        assert!(st.purge(&[]).unwrap().is_empty());
+        assert!(root.is_dir());
+        std::fs::remove_dir_all(&root).unwrap();
+    }
 
     #[test]
     fn names() {
