@@ -136,6 +136,10 @@ fn info(fd: impl AsFd) -> io::Result<uapi::MshareRegionInfo> {
             e
         }
     })?;
+    if info.kind == uapi::KIND_MOUNT {
+        // `mshare_info` or a directory: not a region.
+        return Err(kernel_glue::errno(ENODEV));
+    }
     Ok(info)
 }
 

@@ -118,6 +118,9 @@ pub const KIND_REGION: u32 = 0;
 pub const KIND_POSIX_SHM: u32 = 1;
 /// [`MshareRegionInfo::kind`]: the data of a System V shared-memory segment.
 pub const KIND_SYSV_SHM: u32 = 2;
+/// [`MshareRegionInfo::kind`]: not a region but a directory or `mshare_info` of the
+/// mount; only `socket_path` (and `granule`) are set.
+pub const KIND_MOUNT: u32 = 3;
 
 /// `MSHAREFS_CREATE_MAPPING = _IOW('x', 0, struct mshare_create)`.
 pub const MSHAREFS_CREATE_MAPPING: u32 = ioc(IOC_WRITE, 0, std::mem::size_of::<MshareCreate>());

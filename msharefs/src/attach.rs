@@ -96,7 +96,8 @@ fn handle(core: &Core, stream: UnixStream) {
         }
         return reply(&stream, result);
     }
-    let result = if n != 1 {
+    // Only the first byte of an attach request counts: the rest is ignored.
+    let result = if n == 0 {
         Err(EINVAL)
     } else {
         match (req[0], fd) {

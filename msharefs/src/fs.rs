@@ -772,6 +772,7 @@ impl Core {
         let mut info = uapi::MshareRegionInfo {
             granule: uapi::MSHARE_GRANULE,
             version: 2,
+            kind: uapi::KIND_MOUNT,
             ..Default::default()
         };
         let inner = self.lock();

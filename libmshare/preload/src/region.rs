@@ -1,16 +1,16 @@
 //! `mmap` of a region file: what `mshare_attach` gives, for a program that has only a
 //! descriptor.
 //!
-//! - **hugetlb regions** (also those holding POSIX segments): a shared mapping of the
-//!   backing the daemon hands out, at an address congruent to the file offset modulo
-//!   1 GiB (a 1 GiB-aligned address for offset 0), so page tables are shared with every
-//!   other attacher. Any length and any huge-page-aligned offset inside the region,
-//!   `MAP_FIXED`, and the caller's other flags work as `mmap` of a hugetlbfs file would; a
-//!   length that is not a huge-page multiple is recorded in [`crate::placed`] for
-//!   `munmap`. A plain `mmap` of such a file without the shim fails with `ENODEV`.
-//! - **thp and shmem regions**: `mmap(NULL, size, PROT_READ[|PROT_WRITE], MAP_SHARED, fd,
-//!   0)` of the whole region gets a 1 GiB-aligned mapping of the file (FUSE passthrough);
-//!   other forms reach the kernel unchanged.
+//! - **regions of the mshare API**: `mmap(NULL, size, PROT_READ[|PROT_WRITE], MAP_SHARED,
+//!   fd, 0)` of the whole region gets a 1 GiB-aligned mapping: of the backing the daemon
+//!   hands out for hugetlb regions (page tables shared with every other attacher), of the
+//!   file itself (FUSE passthrough) for thp and shmem ones. Other forms reach the kernel
+//!   unchanged (for a hugetlb region: `ENODEV`, as without the shim).
+//! - **POSIX shared-memory segments** (hugetlb regions of kind `KIND_POSIX_SHM`): every
+//!   form the kernel allows for a segment: a shared mapping of the backing at an address
+//!   congruent to the file offset modulo 1 GiB, any length and any huge-page-aligned
+//!   offset inside the region, `MAP_FIXED`, the caller's other flags; a length that is not
+//!   a huge-page multiple is recorded in [`crate::placed`] for `munmap`.
 //!
 //! `MAP_PRIVATE` of a region made through the mshare API is `EINVAL`, as the kernel's
 //! mshare refuses it (one line on standard error says so, once); POSIX segments may be
@@ -75,9 +75,11 @@ pub fn map(
         );
         return Err(EINVAL);
     }
-    if info.backing == uapi::BACKING_HUGETLB {
+    if info.backing == uapi::BACKING_HUGETLB && info.kind != uapi::KIND_REGION {
+        // A shared-memory segment: every form of mmap the kernel allows.
         map_backing(addr, len, prot, flags, fd, offset, &info).map(Some)
     } else {
+        // A region of the mshare API: attached whole, as the kernel's mshare attaches.
         attach_whole(addr, len, prot, flags, fd, offset, &info)
     }
 }
