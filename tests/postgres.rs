@@ -95,7 +95,7 @@ fn backing_mappings(pid: u32, m: &Msharefs) -> Option<Vec<kernel_glue::procfs::M
 /// private. Reports each mapping's `/proc/self/maps` line as JSON; with `argv[2] == "hold"`
 /// it reports the first mapping and keeps it until standard input closes.
 const ANON_PY: &str = r#"
-import ctypes, json, mmap, os, sys
+import ctypes, json, mmap, os, sys, time
 
 size = int(sys.argv[1])
 hold = len(sys.argv) > 2 and sys.argv[2] == "hold"
@@ -119,6 +119,13 @@ def mapping_of(m):
 out = {}
 m = mmap.mmap(-1, size, flags=mmap.MAP_SHARED)
 out["big"] = mapping_of(m)
+# An unlinked region's backing goes when the daemon handles the shim's close, which the
+# kernel sends it asynchronously: give it a moment to show as deleted.
+for _ in range(200):
+    if out["big"].get("path", "").endswith("(deleted)") or os.environ.get("MSHARE_ANON_NAME"):
+        break
+    time.sleep(0.01)
+    out["big"] = mapping_of(m)
 if hold:
     print(json.dumps(out), flush=True)
     sys.stdin.read()
