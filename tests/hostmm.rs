@@ -247,3 +247,48 @@ fn attach_during_population_works() {
         r["populated"] == 2 * GIB
     });
 }
+
+#[test]
+#[ignore = "needs root: mounts msharefs (FUSE) and uses huge pages"]
+fn a_partial_last_gib_shares_its_table_too() {
+    if !require_privileged("a_partial_last_gib_shares_its_table_too") {
+        return;
+    }
+    let _pool = PoolGuard::new();
+    let fs = Msharefs::mount("hostmm-tail", &["--backing", "hugetlb"]);
+    // 2 GiB and 128 MiB: two whole GiB and 64 huge pages of a third one.
+    let size = 2 * GIB + (128 << 20);
+    let p = create_region(&fs, "sga", size);
+    wait_for(&fs, "/sga", Duration::from_secs(300), |r| {
+        r["populated"] == size
+    });
+    let writer = Probe::run(
+        probe_bin!(),
+        &Attach::new(&p, Protection::ReadWrite)
+            .touch()
+            .write_pattern(9),
+    )
+    .unwrap();
+    let reader = Probe::run(
+        probe_bin!(),
+        &Attach::new(&p, Protection::ReadWrite)
+            .touch()
+            .check_pattern(9),
+    )
+    .unwrap();
+    for (who, rep) in [("writer", &writer), ("reader", &reader)] {
+        let faults = rep.touch_minor_faults.unwrap();
+        loud(&format!(
+            "host mm: {who} of a region of 2 GiB + 128 MiB took {faults} minor faults \
+             (a table of its own for the last 128 MiB would take 64)"
+        ));
+        assert_eq!(rep.addr % GIB, 0);
+        // One per GiB, the partial one included, and some slack; 64 for the last GiB
+        // alone would mean its table is not shared.
+        assert!(faults <= 8, "{who}: {faults} faults: the last GiB's table is not shared");
+    }
+    assert_eq!(reader.pattern_ok, Some(true));
+    // Every attacher counts as sharing, the last slot included.
+    let r = region(&fs.stat(), "/sga").clone();
+    assert_eq!(r["slots"], 3, "{r}");
+}

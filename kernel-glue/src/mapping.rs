@@ -27,7 +27,8 @@ pub enum Protection {
 }
 
 impl Protection {
-    pub(crate) fn bits(self) -> i32 {
+    /// The `PROT_*` bits.
+    pub fn bits(self) -> i32 {
         match self {
             Protection::ReadOnly => libc::PROT_READ,
             Protection::ReadWrite => libc::PROT_READ | libc::PROT_WRITE,
@@ -60,7 +61,7 @@ impl Protection {
 /// The caller must own `[addr, addr + len)` and no live Rust reference may point into it.
 pub unsafe fn munmap(addr: usize, len: usize) -> io::Result<()> {
     // SAFETY: the caller owns the range (function contract).
-    check_retval(unsafe { libc::munmap(addr as *mut libc::c_void, len) })?;
+    check_retval(unsafe { crate::shim_sys::raw_munmap(addr as *mut libc::c_void, len) })?;
     Ok(())
 }
 
@@ -122,10 +123,16 @@ unsafe fn volatile_write(src: &[u8], dst: *mut u8) {
 
 /// A `MAP_SHARED` mapping of a file at an address aligned to a power of two, unmapped on
 /// drop (unless [`Mapping::into_raw`] hands it out).
+///
+/// Its system calls are raw (`syscall(SYS_mmap, ...)`): inside the `LD_PRELOAD` shim,
+/// which defines `mmap` and `munmap` itself, they must not come back to the shim.
 #[derive(Debug)]
 pub struct Mapping {
     addr: usize,
+    /// Bytes of the file the caller asked for (what the accessors may reach).
     len: usize,
+    /// Bytes of address space mapped (at least `len`; see [`Mapping::map_granules`]).
+    mapped: usize,
     prot: Protection,
 }
 
@@ -195,6 +202,75 @@ impl Mapping {
         Self::map_inner(fd.as_fd(), offset, len, prot, align, 0)
     }
 
+    /// Maps `len` bytes of the hugetlb file `fd` from file offset `offset` (a multiple of
+    /// `granule`) at a `granule`-aligned address so that every granule the range touches
+    /// is covered by a mapping of it whole, which is the kernel's condition for sharing
+    /// its page table: the whole granules as one mapping, and a last, partial one as a
+    /// second mapping of a whole granule with `MAP_NORESERVE`, reaching past the end of
+    /// the file (nothing there is ever touched: [`Mapping::len`] is `len`; the file's
+    /// pages up to `len` are reserved with the file). Every process that maps the same
+    /// file this way, the daemon's host mapping included, shares all of its tables.
+    /// Unmapping takes [`Mapping::mapped_len`] bytes.
+    ///
+    /// # Errors
+    /// As [`Mapping::map_range_aligned`].
+    pub fn map_granules(
+        fd: impl AsFd,
+        offset: u64,
+        len: u64,
+        prot: Protection,
+        granule: u64,
+    ) -> io::Result<Mapping> {
+        if granule == 0 || offset % granule != 0 {
+            return Err(crate::errno(libc::EINVAL));
+        }
+        let whole = len - len % granule;
+        if whole == len {
+            return Self::map_inner(fd.as_fd(), offset, len, prot, granule, 0);
+        }
+        let bad = || crate::errno(libc::EINVAL);
+        let mapped =
+            usize::try_from(whole.checked_add(granule).ok_or_else(bad)?).map_err(|_| bad())?;
+        let (whole, granule) = (whole as usize, granule as usize);
+        let addr = crate::shim_sys::reserve_aligned(mapped, granule, 0)?;
+        // The whole granules as one mapping; the partial one as a mapping that reserves
+        // nothing (one mapping would take the file's reservation past its end).
+        let pieces = [
+            (0, whole, offset, 0),
+            (whole, granule, offset + whole as u64, libc::MAP_NORESERVE),
+        ];
+        for (at, n, off, extra) in pieces {
+            if n == 0 {
+                continue;
+            }
+            let off = libc::off_t::try_from(off).map_err(|_| bad())?;
+            // SAFETY: `[addr + at, addr + at + n)` lies inside the reservation we own, so
+            // MAP_FIXED replaces only our own pages.
+            let got = unsafe {
+                crate::shim_sys::raw_mmap(
+                    (addr + at) as *mut libc::c_void,
+                    n,
+                    prot.bits(),
+                    libc::MAP_SHARED | libc::MAP_FIXED | extra,
+                    fd.as_fd().as_raw_fd(),
+                    off,
+                )
+            };
+            if got == libc::MAP_FAILED {
+                let err = io::Error::last_os_error();
+                // SAFETY: the whole reservation (and what we mapped in it) is ours.
+                unsafe { crate::shim_sys::raw_munmap(addr as *mut libc::c_void, mapped) };
+                return Err(err);
+            }
+        }
+        Ok(Mapping {
+            addr,
+            len: len as usize,
+            mapped,
+            prot,
+        })
+    }
+
     fn map_inner(
         fd: std::os::fd::BorrowedFd<'_>,
         offset: u64,
@@ -214,33 +290,11 @@ impl Mapping {
         let align = usize::try_from(align).map_err(|_| crate::errno(libc::EINVAL))?;
         // `shift < align`, which fits a usize.
         let shift = shift as usize;
-        // The reservation holds `len` bytes starting at any aligned address plus `shift`.
-        let span = len
-            .checked_add(align)
-            .and_then(|s| s.checked_add(shift))
-            .ok_or_else(|| crate::errno(libc::ENOMEM))?;
-        // SAFETY: a fresh anonymous PROT_NONE reservation at a kernel-chosen address
-        // touches no existing mapping.
-        let base = unsafe {
-            libc::mmap(
-                ptr::null_mut(),
-                span,
-                libc::PROT_NONE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if base == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let base = base as usize;
-        // addr + len <= base + align - 1 + shift + len < base + span.
-        let addr = ((base + align - 1) & !(align - 1)) + shift;
-        // SAFETY: [addr, addr + len) lies inside the reservation we own, so MAP_FIXED
-        // replaces only our own PROT_NONE pages.
+        let addr = crate::shim_sys::reserve_aligned(len, align, shift)?;
+        // SAFETY: [addr, addr + len) is the reservation we own, so MAP_FIXED replaces only
+        // our own PROT_NONE pages.
         let got = unsafe {
-            libc::mmap(
+            crate::shim_sys::raw_mmap(
                 addr as *mut libc::c_void,
                 len,
                 prot.bits(),
@@ -252,21 +306,15 @@ impl Mapping {
         if got == libc::MAP_FAILED {
             let err = io::Error::last_os_error();
             // SAFETY: the whole reservation is ours and nothing references it.
-            unsafe { libc::munmap(base as *mut libc::c_void, span) };
+            unsafe { crate::shim_sys::raw_munmap(addr as *mut libc::c_void, len) };
             return Err(err);
         }
-        // Trim the unused head and tail of the reservation.
-        // SAFETY: both ranges are parts of our own reservation outside the file mapping.
-        unsafe {
-            if addr > base {
-                libc::munmap(base as *mut libc::c_void, addr - base);
-            }
-            let end = addr + len;
-            if base + span > end {
-                libc::munmap(end as *mut libc::c_void, base + span - end);
-            }
-        }
-        Ok(Mapping { addr, len, prot })
+        Ok(Mapping {
+            addr,
+            len,
+            mapped: len,
+            prot,
+        })
     }
 
     /// Start address.
@@ -274,9 +322,15 @@ impl Mapping {
         self.addr
     }
 
-    /// Length in bytes.
+    /// Length in bytes: what the caller asked for, and what the accessors reach.
     pub fn len(&self) -> usize {
         self.len
+    }
+
+    /// Bytes of address space the mapping takes, and that unmapping it takes: `len`, or
+    /// more for [`Mapping::map_granules`].
+    pub fn mapped_len(&self) -> usize {
+        self.mapped
     }
 
     /// Always false: mappings are never empty.
@@ -383,29 +437,34 @@ impl Mapping {
         Ok(())
     }
 
-    /// Hands the mapping out: it is no longer unmapped on drop. Returns `(addr, len)`;
-    /// the caller unmaps it with `munmap(addr, len)`.
+    /// Hands the mapping out: it is no longer unmapped on drop. Returns `(addr, mapped)`
+    /// ([`Mapping::mapped_len`]); the caller unmaps it with `munmap(addr, mapped)`.
     pub fn into_raw(self) -> (usize, usize) {
-        let r = (self.addr, self.len);
+        let r = (self.addr, self.mapped);
         std::mem::forget(self);
         r
     }
 
-    /// Takes ownership of a mapping handed out by [`Mapping::into_raw`].
+    /// Takes ownership of a mapping of `len` bytes at `addr` (as [`Mapping::into_raw`]
+    /// handed it out, or as a caller made it itself).
     ///
     /// # Safety
-    /// `(addr, len, prot)` must come from `into_raw` of a mapping that is still mapped and
-    /// owned by nobody else.
+    /// `[addr, addr + len)` must be mapped with protection `prot`, owned by nobody else.
     pub unsafe fn from_raw(addr: usize, len: usize, prot: Protection) -> Mapping {
-        Mapping { addr, len, prot }
+        Mapping {
+            addr,
+            len,
+            mapped: len,
+            prot,
+        }
     }
 }
 
 impl Drop for Mapping {
     fn drop(&mut self) {
         // SAFETY: we own the range; no references into it exist (module rule).
-        if let Err(e) = unsafe { munmap(self.addr, self.len) } {
-            log::error!("munmap({:#x}, {}) failed: {e}", self.addr, self.len);
+        if let Err(e) = unsafe { munmap(self.addr, self.mapped) } {
+            log::error!("munmap({:#x}, {}) failed: {e}", self.addr, self.mapped);
         }
     }
 }

@@ -102,6 +102,60 @@ pub fn unlinkat(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
     Ok(())
 }
 
+/// Safe wrapper for `renameat2(2)` with `RENAME_NOREPLACE`, within `dir`. Allocation-free.
+///
+/// # Errors
+/// `EEXIST` when `to` exists; the kernel's or the file system's errno.
+pub fn renameat_noreplace(dir: BorrowedFd<'_>, from: &CStr, to: &CStr) -> io::Result<()> {
+    let d = dir.as_raw_fd();
+    // SAFETY: both names are NUL-terminated and `dir` is an open descriptor.
+    let r = unsafe { libc::renameat2(d, from.as_ptr(), d, to.as_ptr(), libc::RENAME_NOREPLACE) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Whether `name` exists in `dir` (`fstatat(2)` without following a final symbolic
+/// link). Allocation-free.
+///
+/// # Errors
+/// The kernel's errno other than `ENOENT`.
+pub fn exists_at(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<bool> {
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: `name` is NUL-terminated; fstatat writes one struct stat into our buffer.
+    let r = unsafe {
+        libc::fstatat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            st.as_mut_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    if r == 0 {
+        return Ok(true);
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::ENOENT) {
+        Ok(false)
+    } else {
+        Err(e)
+    }
+}
+
+/// `ftruncate(2)` as a system call, so that the shim's own sizing never comes back to
+/// the `ftruncate` it defines.
+///
+/// # Errors
+/// The kernel's errno.
+pub fn ftruncate(fd: BorrowedFd<'_>, len: u64) -> io::Result<()> {
+    let len = i64::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+    if raw_ftruncate(fd.as_raw_fd(), len) < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Safe wrapper for `setxattr(2)` by path. Allocation-free, unlike
 /// `kernel_glue::fd::setxattr`.
 ///

@@ -20,7 +20,8 @@ use std::sync::{Mutex, PoisonError};
 
 use kernel_glue::mapping::Protection;
 
-use crate::region::{Backing, Region};
+use crate::Backing;
+use crate::region::Region;
 use crate::uapi;
 
 /// Major version of the library this header belongs to (`mshare_version()` gives the
@@ -218,7 +219,7 @@ pub unsafe extern "C" fn mshare_create(
         // SAFETY: `path` is NULL or a C string (function contract).
         let path = unsafe { c_path(path) }?;
         let out = out_ptr(out)?;
-        let backing = Backing::from_raw(backing)?;
+        let backing = Backing::from_raw(backing).ok_or_else(einval)?;
         let region = Region::create(path, size, mode, backing)?;
         // SAFETY: `out` is non-NULL and writable (function contract).
         unsafe { write_out(out, into_handle(region)) };
@@ -365,7 +366,10 @@ pub unsafe extern "C" fn mshare_attach(
         let h = unsafe { handle(r) }?;
         let out = out_ptr(addr_out)?;
         let prot = Protection::from_bits(prot)?;
-        let attachment = h.region.attach(prot)?;
+        // Exactly the region: the C API lets callers unmap (addr, size) themselves.
+        let attachment = h
+            .region
+            .attach_covering(prot, crate::client::Cover::Exact)?;
         let mut list = h.attachments.lock().unwrap_or_else(PoisonError::into_inner);
         list.try_reserve(1)
             .map_err(|_| kernel_glue::errno(libc::ENOMEM))?;

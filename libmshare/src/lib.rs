@@ -1,17 +1,21 @@
 //! libmshare: the msharefs client.
 //!
-//! - [`uapi`]: the mshare ioctl numbers and layouts (kernel v3 plus msharefs extensions),
-//!   shared with the daemon;
-//! - [`region`]: the Rust API (create, open, attach at a 1 GiB-aligned address, detach);
+//! - [`client`]: the client core, allocation-free: what a descriptor is, create, attach,
+//!   the attach socket. The Rust API, the C ABI and the `LD_PRELOAD` shim all call it.
+//! - [`region`]: the Rust API (create, open, attach at a 1 GiB-aligned address, detach).
+//! - [`anon`]: anonymous shared memory on a new region (the shim's `MAP_ANONYMOUS` path).
+//! - [`guard`]: the `MSHAREFS_UNMAP` guard.
+//! - [`uapi`]: the protocol shared with the daemon (the `mshare-uapi` crate).
 //! - the C ABI (`mshare_*` functions, header `include/mshare.h`) is built on `region`.
 
 pub mod anon;
+pub mod client;
 pub mod cstr;
 pub mod ffi;
 pub mod guard;
-pub mod interpose;
 pub mod region;
-pub mod uapi;
 
 pub use kernel_glue::mapping::Protection;
-pub use region::{Attachment, Backing, Region, set_backing};
+pub use mshare_uapi as uapi;
+pub use mshare_uapi::Backing;
+pub use region::{Attachment, Region, set_backing};

@@ -3,16 +3,16 @@
 //! A region is a file on an msharefs mount (or, without the daemon, a file on a hugetlbfs
 //! mount: the "direct" mode the foundation tests use). The data flow of an attach:
 //!
-//! 1. [`Region::attach`] asks the region for a descriptor of its data: for hugetlb regions
-//!    on msharefs, the backing file, obtained from the daemon's attach socket by passing
-//!    our msharefs descriptor (see [`crate::uapi`]); for thp and shmem regions, the
-//!    msharefs file itself (FUSE passthrough to the backing); in direct mode, the file.
-//! 2. `kernel_glue::mapping::Mapping::map_aligned` maps it `MAP_SHARED` at a 1 GiB-aligned
-//!    address, so every attacher's PMD tables line up with the daemon's host mapping and
-//!    the kernel shares them (hugetlb PMD sharing).
+//! [`Region::attach`] calls the client core ([`crate::client::attach`]): for hugetlb
+//! regions on msharefs it passes our msharefs descriptor to the daemon's attach socket and
+//! maps the backing it gets back at a 1 GiB-aligned address, so every attacher's PMD
+//! tables line up with the daemon's host mapping and the kernel shares them; for thp and
+//! shmem regions it maps the msharefs file itself (FUSE passthrough). In direct mode it
+//! maps the hugetlbfs file.
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::{PoisonError, RwLock};
 
@@ -20,82 +20,15 @@ use kernel_glue::errnos::*;
 use kernel_glue::mapping::{Mapping, Protection};
 use kernel_glue::{consts, fd as kfd};
 
-use crate::uapi;
-
-/// Where a region's data lives; see the README's backing table.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Backing {
-    /// The mount's default.
-    Default,
-    /// 2 MiB hugetlb pages with shared page tables.
-    Hugetlb,
-    /// 2 MiB transparent huge pages (tmpfs `huge=always`).
-    Thp,
-    /// 4 KiB shmem pages.
-    Shmem,
-}
-
-impl Backing {
-    /// From the uAPI / C value (`MSHARE_BACKING_*`).
-    ///
-    /// # Errors
-    /// `EINVAL` for an unknown value.
-    pub fn from_raw(v: u32) -> io::Result<Backing> {
-        Ok(match v {
-            uapi::BACKING_DEFAULT => Backing::Default,
-            uapi::BACKING_HUGETLB => Backing::Hugetlb,
-            uapi::BACKING_THP => Backing::Thp,
-            uapi::BACKING_SHMEM => Backing::Shmem,
-            _ => return Err(kernel_glue::errno(EINVAL)),
-        })
-    }
-
-    /// The uAPI / C value.
-    pub fn raw(self) -> u32 {
-        match self {
-            Backing::Default => uapi::BACKING_DEFAULT,
-            Backing::Hugetlb => uapi::BACKING_HUGETLB,
-            Backing::Thp => uapi::BACKING_THP,
-            Backing::Shmem => uapi::BACKING_SHMEM,
-        }
-    }
-
-    /// The name used by the `user.mshare.backing` xattr and the CLI.
-    pub fn name(self) -> &'static str {
-        match self {
-            Backing::Default => "default",
-            Backing::Hugetlb => "hugetlb",
-            Backing::Thp => "thp",
-            Backing::Shmem => "shmem",
-        }
-    }
-
-    /// Parses a name as written by [`Backing::name`].
-    pub fn from_name(s: &str) -> Option<Backing> {
-        Some(match s {
-            "default" => Backing::Default,
-            "hugetlb" => Backing::Hugetlb,
-            "thp" => Backing::Thp,
-            "shmem" => Backing::Shmem,
-            _ => return None,
-        })
-    }
-
-    /// Page size of the backing.
-    pub fn page_size(self) -> u64 {
-        match self {
-            Backing::Hugetlb => kernel_glue::HUGE_PAGE_SIZE,
-            _ => kernel_glue::PAGE_SIZE,
-        }
-    }
-}
+use crate::client::{self, Cover};
+use crate::uapi::{self, Backing, MshareRegionInfo};
 
 #[derive(Debug)]
 enum Kind {
     /// A file on a hugetlbfs mount, used without the daemon.
     Direct,
-    /// A region file on msharefs; attach socket of its daemon.
-    Msharefs { socket: PathBuf },
+    /// A region file on msharefs, as its daemon described it.
+    Msharefs { info: Box<MshareRegionInfo> },
 }
 
 /// The open file of a region and what its daemon said about it. Replaced as a whole
@@ -126,23 +59,6 @@ pub struct Region {
     writable: bool,
 }
 
-fn info(fd: impl AsFd) -> io::Result<uapi::MshareRegionInfo> {
-    let mut info = uapi::MshareRegionInfo::default();
-    kfd::ioctl_ptr(fd, uapi::MSHAREFS_GET_INFO, &mut info).map_err(|e| {
-        // Another FUSE file system: not ours.
-        if e.raw_os_error() == Some(ENOTTY) || e.raw_os_error() == Some(ENOSYS) {
-            kernel_glue::errno(ENODEV)
-        } else {
-            e
-        }
-    })?;
-    if info.kind == uapi::KIND_MOUNT {
-        // `mshare_info` or a directory: not a region.
-        return Err(kernel_glue::errno(ENODEV));
-    }
-    Ok(info)
-}
-
 /// Whether `e` is what a descriptor of a FUSE connection whose daemon is gone answers.
 fn is_dead_connection(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(ENOTCONN | ECONNABORTED))
@@ -150,15 +66,12 @@ fn is_dead_connection(e: &io::Error) -> bool {
 
 /// The `Open` of a region file on msharefs.
 fn msharefs_open(fd: OwnedFd) -> io::Result<Open> {
-    let info = info(&fd)?;
+    let info = client::info(fd.as_fd())?;
     Ok(Open {
         size: info.size,
-        backing: Backing::from_raw(info.backing)?,
+        backing: Backing::from_raw(info.backing).ok_or_else(|| kernel_glue::errno(EINVAL))?,
         kind: Kind::Msharefs {
-            // Empty when the daemon reported none: attaching then fails.
-            socket: crate::interpose::socket_path(&info)
-                .map(Path::to_path_buf)
-                .unwrap_or_default(),
+            info: Box::new(info),
         },
         fd,
     })
@@ -210,34 +123,12 @@ impl Region {
                 let _ = std::fs::remove_file(path);
             });
         }
-        // Build the region under a hidden temporary name and rename it into place once its
-        // backing and size are set: other processes find either no region or a complete
-        // one, never one whose backing or size is still being chosen.
-        // Fail before reserving memory when the name is taken or unusable (too long, a
-        // missing directory); the rename below is what decides.
-        match kfd::stat(path) {
-            Ok(_) => return Err(kernel_glue::errno(EEXIST)),
-            Err(e) if e.raw_os_error() != Some(ENOENT) => return Err(e),
-            Err(_) => {}
-        }
-        let (tmp, fd) = create_temp(dir, mode)?;
-        let undo = |e: io::Error| {
-            let _ = std::fs::remove_file(&tmp);
-            e
+        // The client core builds it under a hidden name and renames it into place.
+        let c = |p: &std::ffi::OsStr| {
+            std::ffi::CString::new(p.as_bytes()).map_err(|_| kernel_glue::errno(EINVAL))
         };
-        // msharefs picks the data path (FUSE passthrough or not) when a file is opened, and
-        // refuses a backing change while the file is open: choose it with the new file
-        // closed, then open it again.
-        let fd = if backing == Backing::Default {
-            fd
-        } else {
-            drop(fd);
-            set_backing(&tmp, backing).map_err(undo)?;
-            kfd::open(&tmp, consts::O_RDWR, 0).map_err(undo)?
-        };
-        info(&fd).map_err(undo)?;
-        kfd::ftruncate(&fd, size).map_err(undo)?;
-        kfd::renameat2(&tmp, path, consts::RENAME_NOREPLACE).map_err(undo)?;
+        let name = path.file_name().ok_or_else(|| kernel_glue::errno(EINVAL))?;
+        let fd = client::create(&c(dir.as_os_str())?, Some(&c(name)?), size, mode, backing)?;
         msharefs_open(fd)
             .and_then(|open| Self::new(path, open, true))
             .inspect_err(|_| {
@@ -342,7 +233,7 @@ impl Region {
     /// Whether `open`'s descriptor belongs to a FUSE connection whose daemon is gone.
     fn connection_lost(&self, open: &Open) -> bool {
         matches!(open.kind, Kind::Msharefs { .. })
-            && info(&open.fd).is_err_and(|e| is_dead_connection(&e))
+            && client::info(open.fd.as_fd()).is_err_and(|e| is_dead_connection(&e))
     }
 
     /// Opens the region again by its path, unless another thread already did, and checks
@@ -371,13 +262,23 @@ impl Region {
         Ok(())
     }
 
-    /// Maps the whole region at a 1 GiB-aligned address with protection `prot`.
+    /// Maps the whole region at a 1 GiB-aligned address with protection `prot`, every
+    /// granule covered whole ([`Cover::Granules`]): all of its page tables are shared.
     ///
     /// # Errors
     /// `EINVAL` for a region whose size is unset or a bad `prot`; `EACCES` for
     /// `ReadWrite` on a read-only region; `ENOMEM` when no aligned address range is free;
     /// the daemon's errno when it refuses the backing.
     pub fn attach(&self, prot: Protection) -> io::Result<Attachment> {
+        self.attach_covering(prot, Cover::Granules)
+    }
+
+    /// [`Region::attach`], covering the region as `cover` says ([`Cover::Exact`] for
+    /// callers that unmap `(addr, size)` themselves).
+    ///
+    /// # Errors
+    /// As [`Region::attach`].
+    pub fn attach_covering(&self, prot: Protection, cover: Cover) -> io::Result<Attachment> {
         if prot == Protection::ReadWrite && !self.writable {
             return Err(kernel_glue::errno(EACCES));
         }
@@ -385,23 +286,9 @@ impl Region {
             if open.size == 0 {
                 return Err(kernel_glue::errno(EINVAL));
             }
-            let mapping = match (&open.kind, open.backing) {
-                (Kind::Msharefs { socket }, Backing::Hugetlb) => {
-                    let backing = crate::interpose::request_backing(socket, open.fd.as_fd(), prot)?;
-                    Mapping::map_aligned(&backing, open.size, prot, uapi::MSHARE_GRANULE)?
-                }
-                (Kind::Msharefs { .. }, _) => {
-                    // FUSE passthrough: the kernel maps the backing without the daemon, but
-                    // marks the region's cached atime stale, and only the daemon can make it
-                    // valid again. A descriptor whose daemon is gone could map the region
-                    // but never answer fstat again: ask the daemon first (a dead connection
-                    // then reopens the region by path), and refresh the attributes after.
-                    info(&open.fd)?;
-                    let m = Mapping::map_aligned(&open.fd, open.size, prot, uapi::MSHARE_GRANULE)?;
-                    let _ = kfd::fstat(&open.fd);
-                    m
-                }
-                (Kind::Direct, _) => {
+            let mapping = match &open.kind {
+                Kind::Msharefs { info } => client::attach(open.fd.as_fd(), info, prot, cover)?,
+                Kind::Direct => {
                     Mapping::map_aligned(&open.fd, open.size, prot, uapi::MSHARE_GRANULE)?
                 }
             };
@@ -478,43 +365,9 @@ fn is_direct(dir: &Path) -> io::Result<bool> {
 /// `EBUSY` when the region is still open after that (another process has it open) or its
 /// size is set; `EINVAL` for an unknown backing; any `setxattr` errno.
 pub fn set_backing(path: &Path, backing: Backing) -> io::Result<()> {
-    retry_while_busy(|| kfd::setxattr(path, uapi::BACKING_XATTR, backing.name().as_bytes(), 0))
-}
-
-/// Runs `f` again while it fails with `EBUSY`, sleeping 2 ms between tries, at most 100
-/// times. Allocation-free, so the `LD_PRELOAD` shim uses it too.
-pub(crate) fn retry_while_busy<T>(mut f: impl FnMut() -> io::Result<T>) -> io::Result<T> {
-    let mut tries = 0;
-    loop {
-        match f() {
-            Err(e) if e.raw_os_error() == Some(EBUSY) && tries < 100 => {
-                tries += 1;
-                std::thread::sleep(std::time::Duration::from_millis(2));
-            }
-            r => return r,
-        }
-    }
-}
-
-/// Creates a new region file under a hidden name in `dir` (`O_EXCL`, retrying on a name
-/// collision) for [`Region::create`] to finish and rename into place.
-fn create_temp(dir: &Path, mode: u32) -> io::Result<(PathBuf, OwnedFd)> {
-    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let flags = consts::O_RDWR | consts::O_CREAT | consts::O_EXCL;
-    let mut tries = 0;
-    loop {
-        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let tmp = dir.join(format!(
-            "{}{}.{seq}",
-            uapi::CREATING_PREFIX,
-            std::process::id()
-        ));
-        match kfd::open(&tmp, flags, mode) {
-            // Left behind by a crashed process whose pid we now have.
-            Err(e) if e.raw_os_error() == Some(EEXIST) && tries < 100 => tries += 1,
-            r => return r.map(|fd| (tmp, fd)),
-        }
-    }
+    client::retry_while_busy(|| {
+        kfd::setxattr(path, uapi::BACKING_XATTR, backing.name().as_bytes(), 0)
+    })
 }
 
 /// One attachment of a region: a granule-aligned shared mapping, unmapped on drop.
@@ -555,7 +408,9 @@ impl Attachment {
     /// Detaches now (the same as dropping it).
     pub fn detach(self) {}
 
-    /// Hands the mapping out as `(addr, len)`; it stays mapped until `munmap(addr, len)`.
+    /// Hands the mapping out as `(addr, mapped)`; it stays mapped until
+    /// `munmap(addr, mapped)` (`mapped` is the region size for [`Cover::Exact`], more for
+    /// [`Cover::Granules`]).
     pub fn into_raw(self) -> (usize, usize) {
         self.mapping.into_raw()
     }

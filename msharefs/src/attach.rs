@@ -5,8 +5,13 @@
 //! owner and directories when the client opened it. The daemon checks the descriptor is
 //! a region of this mount (device and inode) and its access mode, then answers with the
 //! backing file opened read-only or read-write, never with more access than the
-//! descriptor has. The socket itself is world-connectable; it grants nothing without
-//! such a descriptor.
+//! descriptor has, and the region's info (`uapi::AttachReply`): one round trip per
+//! attach. The socket itself is world-connectable; it grants nothing without such a
+//! descriptor. The shim's shared-memory requests (`shm.rs`) come here too.
+//!
+//! Requests are served by a small pool of threads that wait in `accept` (no thread is
+//! started per request); when all of them are busy, one more is started, so a client that
+//! connects and says nothing delays nobody (it is dropped after [`CLIENT_TIMEOUT`]).
 //!
 //! Root may also ask for the statistics report (`msharefs stat`).
 
@@ -15,12 +20,14 @@ use std::os::fd::OwnedFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use kernel_glue::errnos::*;
 use kernel_glue::mapping::Protection;
 use kernel_glue::{consts, fd as kfd, socket};
-use mshare::uapi;
+use mshare_uapi as uapi;
+use zerocopy::IntoBytes;
 
 use crate::fs::{Core, FsResult, errno_of};
 
@@ -33,36 +40,80 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Pause after a failed `accept` (out of descriptors), so the loop does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
-/// Binds the socket (replacing a stale one) and serves it on a background thread.
+/// Threads that wait for requests when nothing happens.
+const IDLE_WORKERS: usize = 4;
+/// Most threads serving at once (the rest wait in the kernel's accept queue).
+const MAX_WORKERS: usize = 64;
+
+/// The worker pool's counts.
+#[derive(Debug, Default)]
+struct Pool {
+    /// Threads waiting in `accept`.
+    idle: AtomicUsize,
+    /// All threads.
+    total: AtomicUsize,
+}
+
+/// Binds the socket (replacing a stale one) and serves it on a pool of threads.
 ///
 /// # Errors
-/// Binding or setting the socket's mode.
+/// Binding or setting the socket's mode; starting the first thread.
 pub fn serve(core: Arc<Core>, path: &Path) -> std::io::Result<()> {
     let _ = std::fs::remove_file(path);
-    let listener = UnixListener::bind(path)?;
+    let listener = Arc::new(UnixListener::bind(path)?);
     std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o666))?;
+    let pool = Arc::new(Pool::default());
+    for _ in 0..IDLE_WORKERS {
+        spawn_worker(&core, &listener, &pool)?;
+    }
+    Ok(())
+}
+
+fn spawn_worker(
+    core: &Arc<Core>,
+    listener: &Arc<UnixListener>,
+    pool: &Arc<Pool>,
+) -> std::io::Result<()> {
+    let (core, listener, p) = (core.clone(), listener.clone(), pool.clone());
+    pool.total.fetch_add(1, Ordering::SeqCst);
+    pool.idle.fetch_add(1, Ordering::SeqCst);
     std::thread::Builder::new()
         .name("attach".into())
-        .spawn(move || {
-            for conn in listener.incoming() {
-                match conn {
-                    Ok(stream) => {
-                        let core = core.clone();
-                        // One thread per request: a slow client cannot stall others.
-                        let _ = std::thread::Builder::new()
-                            .name("attach-req".into())
-                            .spawn(move || handle(&core, stream));
-                    }
-                    Err(e) => {
-                        // Out of descriptors (EMFILE) or memory: back off instead of
-                        // spinning on a listener that stays readable.
-                        log::warn!("attach socket accept: {e}");
-                        std::thread::sleep(ACCEPT_BACKOFF);
-                    }
-                }
+        .spawn(move || worker(&core, &listener, &p))
+        .inspect_err(|_| {
+            pool.total.fetch_sub(1, Ordering::SeqCst);
+            pool.idle.fetch_sub(1, Ordering::SeqCst);
+        })
+        .map(drop)
+}
+
+/// One thread of the pool: accepts and serves requests; starts another thread when it
+/// was the last one waiting, and ends when more than [`IDLE_WORKERS`] would wait.
+fn worker(core: &Arc<Core>, listener: &Arc<UnixListener>, pool: &Arc<Pool>) {
+    loop {
+        let conn = listener.accept();
+        let was_idle = pool.idle.fetch_sub(1, Ordering::SeqCst);
+        if was_idle == 1 && pool.total.load(Ordering::SeqCst) < MAX_WORKERS {
+            // Keep one thread waiting while this one serves.
+            if let Err(e) = spawn_worker(core, listener, pool) {
+                log::warn!("attach socket: cannot start a thread: {e}");
             }
-        })?;
-    Ok(())
+        }
+        match conn {
+            Ok((stream, _)) => handle(core, stream),
+            Err(e) => {
+                // Out of descriptors (EMFILE) or memory: back off instead of spinning on
+                // a listener that stays readable.
+                log::warn!("attach socket accept: {e}");
+                std::thread::sleep(ACCEPT_BACKOFF);
+            }
+        }
+        if pool.idle.fetch_add(1, Ordering::SeqCst) >= IDLE_WORKERS {
+            pool.idle.fetch_sub(1, Ordering::SeqCst);
+            pool.total.fetch_sub(1, Ordering::SeqCst);
+            return;
+        }
+    }
 }
 
 fn handle(core: &Core, stream: UnixStream) {
@@ -94,7 +145,7 @@ fn handle(core: &Core, stream: UnixStream) {
         if let Err(e) = result {
             log::debug!("shared-memory request {:?}: errno {e}", char::from(req[0]));
         }
-        return reply(&stream, result);
+        return reply(core, &stream, result);
     }
     // Only the first byte of an attach request counts: the rest is ignored.
     let result = if n == 0 {
@@ -107,7 +158,7 @@ fn handle(core: &Core, stream: UnixStream) {
             _ => Err(EINVAL),
         }
     };
-    reply(&stream, result.map(Some));
+    reply(core, &stream, result.map(|(fd, ino)| (Some(fd), Some(ino))));
 }
 
 fn is_shm_request(b: u8) -> bool {
@@ -121,10 +172,17 @@ fn is_shm_request(b: u8) -> bool {
     )
 }
 
-/// Sends a status and, on success, the descriptor the request yields.
-fn reply(stream: &UnixStream, result: FsResult<Option<OwnedFd>>) {
+/// Sends a failure's errno, or a success's [`uapi::AttachReply`] (with the info of the
+/// region the request was about, if any) and the descriptor it yields.
+fn reply(core: &Core, stream: &UnixStream, result: FsResult<(Option<OwnedFd>, Option<u64>)>) {
     let sent = match result {
-        Ok(fd) => socket::send_with_fd(stream, &0i32.to_ne_bytes(), fd.as_ref()),
+        Ok((fd, region)) => {
+            let mut r = uapi::AttachReply::default();
+            if let Some(ino) = region {
+                r.info = core.region_info(ino).unwrap_or_default();
+            }
+            socket::send_with_fd(stream, r.as_bytes(), fd.as_ref())
+        }
         Err(e) => socket::send_with_fd(stream, &e.to_ne_bytes(), None::<&OwnedFd>),
     };
     if let Err(e) = sent {
@@ -132,7 +190,13 @@ fn reply(stream: &UnixStream, result: FsResult<Option<OwnedFd>>) {
     }
 }
 
-fn attach(core: &Core, stream: &UnixStream, fd: &OwnedFd, prot: Protection) -> FsResult<OwnedFd> {
+/// Returns the backing and the region's inode.
+fn attach(
+    core: &Core,
+    stream: &UnixStream,
+    fd: &OwnedFd,
+    prot: Protection,
+) -> FsResult<(OwnedFd, u64)> {
     let st = kfd::fstat(fd).map_err(|e| errno_of(&e))?;
     if Some(&st.dev) != core.fuse_dev.get() {
         // Not a file of this mount (or of an earlier, dead connection).
@@ -147,6 +211,7 @@ fn attach(core: &Core, stream: &UnixStream, fd: &OwnedFd, prot: Protection) -> F
     let acc = flags & consts::O_ACCMODE;
     let pid = socket::peer_cred(stream).map(|c| c.pid).unwrap_or(0);
     core.attach_backing(st.ino, acc, prot, pid)
+        .map(|backing| (backing, st.ino))
 }
 
 fn stat_reply(core: &Core, mut stream: UnixStream) {

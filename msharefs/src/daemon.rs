@@ -207,7 +207,7 @@ fn run_daemon(mnt: &Path, opts: &MountOpts, tell_parent: bool) -> std::io::Resul
     wait_for_previous(mnt, &state)?;
     clear_mountpoint(mnt, &state)?;
     let socket = state.socket();
-    if socket.as_os_str().len() >= mshare::uapi::SOCKET_PATH_LEN {
+    if socket.as_os_str().len() >= mshare_uapi::SOCKET_PATH_LEN {
         return Err(fail(format!(
             "state directory path too long for a socket: {}",
             socket.display()

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use kernel_glue::errnos::*;
 use kernel_glue::mapping::Protection;
 use kernel_glue::{consts, fd as kfd};
-use mshare::{Backing, uapi};
+use mshare_uapi::{self as uapi, Backing};
 
 use crate::backing::{Stores, charge};
 use crate::hostmm::HostMm;

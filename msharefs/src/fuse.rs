@@ -19,7 +19,7 @@ use fuser::{
     ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use kernel_glue::consts;
-use mshare::{Backing, uapi};
+use mshare_uapi::{self as uapi, Backing};
 
 use crate::fs::{Core, FsResult, OpenMode};
 use crate::state::{Node, NodeKind};

@@ -26,6 +26,7 @@ use std::time::Instant;
 use kernel_glue::mapping::{Mapping, Protection};
 use kernel_glue::uffd::{self, Userfaultfd};
 use kernel_glue::{HUGE_PAGE_SIZE, PUD_SIZE, errnos, vmops};
+use mshare_uapi as uapi;
 
 use crate::tablecache::{Policy, SlotKey, TableCache, slots_of};
 
@@ -155,7 +156,14 @@ impl HostMm {
                 empty @ None => &*empty.insert(open(prot == Protection::ReadWrite)?),
             };
             let (off, len) = slot_range(size, slot);
-            let m = Arc::new(Mapping::map_range_aligned(fd, off, len, prot, PUD_SIZE)?);
+            // A partial last slot is mapped as a whole one where attachers map it so, so
+            // that its table is shared too (`uapi::covers_last_granule`).
+            let m = if uapi::covers_last_granule(size) {
+                Mapping::map_granules(fd, off, len, prot, PUD_SIZE)?
+            } else {
+                Mapping::map_range_aligned(fd, off, len, prot, PUD_SIZE)?
+            };
+            let m = Arc::new(m);
             if self.guard {
                 let u = Userfaultfd::new(uffd::FEATURE_SIGBUS | uffd::FEATURE_MISSING_HUGETLBFS)?;
                 u.register(&m, 0, len, uffd::Mode::Missing)?;

@@ -41,7 +41,7 @@ use kernel_glue::errnos::*;
 use kernel_glue::ipc::{self, FileIdentity};
 use kernel_glue::mapping::Protection;
 use kernel_glue::{consts, fd as kfd, socket::PeerCred};
-use mshare::uapi;
+use mshare_uapi as uapi;
 
 use crate::fs::{Core, FsResult, errno_of};
 use crate::state::{Node, ShmOrigin};
@@ -122,28 +122,30 @@ impl PosixFiles {
 
 /// Serves one shared-memory request from the attach socket: `req` is the whole message
 /// (request byte and payload), `fd` the descriptor that came with it, `peer` the sender.
-/// Returns the descriptor to send back, if the request yields one.
+/// Returns the descriptor to send back, if the request yields one, and the region the
+/// request was about, if any (its info goes into the reply).
 pub fn handle(
     core: &Core,
     req: &[u8],
     fd: Option<OwnedFd>,
     peer: PeerCred,
-) -> FsResult<Option<OwnedFd>> {
+) -> FsResult<(Option<OwnedFd>, Option<u64>)> {
     let payload = &req[1..];
+    let yields = |(fd, ino): (OwnedFd, u64)| (Some(fd), Some(ino));
     match (req[0], fd) {
         (uapi::SHM_POSIX_SIZE, Some(fd)) => {
             let len = u64::from_ne_bytes(payload.try_into().map_err(|_| EINVAL)?);
-            posix_size(core, fd, len, peer.pid).map(Some)
+            posix_size(core, fd, len, peer.pid).map(yields)
         }
-        (uapi::SHM_POSIX_OPEN, Some(fd)) if payload.is_empty() => posix_open(core, fd).map(Some),
+        (uapi::SHM_POSIX_OPEN, Some(fd)) if payload.is_empty() => posix_open(core, fd).map(yields),
         (uapi::SHM_RECONCILE, None) if payload.is_empty() => {
             reconcile(core);
-            Ok(None)
+            Ok((None, None))
         }
         (uapi::SHM_SYSV_CREATED, None) if payload.len() == 12 => {
             let id = i32::from_ne_bytes(payload[..4].try_into().map_err(|_| EINVAL)?);
             let size = u64::from_ne_bytes(payload[4..].try_into().map_err(|_| EINVAL)?);
-            sysv_created(core, peer, id, size).map(|()| None)
+            sysv_created(core, peer, id, size).map(|ino| (None, Some(ino)))
         }
         (uapi::SHM_SYSV_ATTACH, None) if payload.len() == 5 => {
             let id = i32::from_ne_bytes(payload[..4].try_into().map_err(|_| EINVAL)?);
@@ -152,7 +154,7 @@ pub fn handle(
                 1 => true,
                 _ => return Err(EINVAL),
             };
-            sysv_attach(core, peer, id, write).map(Some)
+            sysv_attach(core, peer, id, write).map(yields)
         }
         (uapi::SHM_POSIX_SIZE | uapi::SHM_POSIX_OPEN, None) => Err(EBADF),
         _ => Err(EINVAL),
@@ -203,7 +205,8 @@ fn shm_file(fd: &OwnedFd) -> FsResult<ShmFile> {
 /// [`uapi::SHM_POSIX_SIZE`]: makes the segment open as `fd` a region of `length` bytes,
 /// or finds the one another process made for it.
 /// The memory is charged to the cgroups of `pid`, the process that sizes the segment.
-fn posix_size(core: &Core, fd: OwnedFd, length: u64, pid: u32) -> FsResult<OwnedFd> {
+/// Returns the region file, open read-write, and the region.
+fn posix_size(core: &Core, fd: OwnedFd, length: u64, pid: u32) -> FsResult<(OwnedFd, u64)> {
     let file = shm_file(&fd)?;
     if file.acc != consts::O_RDWR {
         return Err(EBADF);
@@ -263,8 +266,8 @@ fn posix_size(core: &Core, fd: OwnedFd, length: u64, pid: u32) -> FsResult<Owned
     open_region(core, ino, consts::O_RDWR)
 }
 
-/// [`uapi::SHM_POSIX_OPEN`]: the region file of the segment open as `fd`.
-fn posix_open(core: &Core, fd: OwnedFd) -> FsResult<OwnedFd> {
+/// [`uapi::SHM_POSIX_OPEN`]: the region file of the segment open as `fd`, and the region.
+fn posix_open(core: &Core, fd: OwnedFd) -> FsResult<(OwnedFd, u64)> {
     let flags = kfd::fcntl_getfl(&fd).map_err(|e| errno_of(&e))?;
     if flags & consts::O_PATH != 0 {
         return Err(EBADF);
@@ -292,10 +295,11 @@ fn mount_string(core: &Core) -> String {
 
 /// Opens region `ino` through the mount, as the client's descriptor: the kernel then
 /// sends its reads, writes and `fstat`s to us like any other open of the file.
-fn open_region(core: &Core, ino: u64, acc: i32) -> FsResult<OwnedFd> {
+fn open_region(core: &Core, ino: u64, acc: i32) -> FsResult<(OwnedFd, u64)> {
     let mnt = core.mountpoint.get().ok_or(EIO)?;
     let path = mnt.join(core.path_of(ino).trim_start_matches('/'));
-    kfd::open(&path, acc, 0).map_err(|e| errno_of(&e))
+    let fd = kfd::open(&path, acc, 0).map_err(|e| errno_of(&e))?;
+    Ok((fd, ino))
 }
 
 // ---- System V -------------------------------------------------------------------------
@@ -333,15 +337,16 @@ fn sysv_region(core: &Core, id: i32, seg: &ipc::Segment) -> Option<Node> {
     }
 }
 
-/// [`uapi::SHM_SYSV_CREATED`]: makes the region of the segment `peer` just created.
-fn sysv_created(core: &Core, peer: PeerCred, id: i32, size: u64) -> FsResult<()> {
+/// [`uapi::SHM_SYSV_CREATED`]: makes the region of the segment `peer` just created;
+/// returns it.
+fn sysv_created(core: &Core, peer: PeerCred, id: i32, size: u64) -> FsResult<u64> {
     same_ipc_namespace(peer.pid)?;
     let seg = segment(id)?.ok_or(ENOENT)?;
     if seg.cpid != peer.pid || seg.size != size || size == 0 {
         return Err(EPERM);
     }
-    if sysv_region(core, id, &seg).is_some() {
-        return Ok(());
+    if let Some(node) = sysv_region(core, id, &seg) {
+        return Ok(node.ino);
     }
     let dir = core.shm_dir(SYSV_DIR)?;
     let name = id.to_string();
@@ -357,12 +362,12 @@ fn sysv_created(core: &Core, peer: PeerCred, id: i32, size: u64) -> FsResult<()>
         return Err(e);
     }
     log::info!("System V segment {id}: {size} bytes on region {ino}");
-    Ok(())
+    Ok(ino)
 }
 
 /// [`uapi::SHM_SYSV_ATTACH`]: the backing of segment `id`'s region for `peer`, which must
-/// have the kernel segment attached (read-write for `write`).
-fn sysv_attach(core: &Core, peer: PeerCred, id: i32, write: bool) -> FsResult<OwnedFd> {
+/// have the kernel segment attached (read-write for `write`), and the region.
+fn sysv_attach(core: &Core, peer: PeerCred, id: i32, write: bool) -> FsResult<(OwnedFd, u64)> {
     same_ipc_namespace(peer.pid)?;
     let seg = segment(id)?.ok_or(ENOENT)?;
     let node = sysv_region(core, id, &seg).ok_or(ENOENT)?;
@@ -394,6 +399,7 @@ fn sysv_attach(core: &Core, peer: PeerCred, id: i32, write: bool) -> FsResult<Ow
         (consts::O_RDONLY, Protection::ReadOnly)
     };
     core.attach_backing(node.ino, acc, prot, peer.pid)
+        .map(|fd| (fd, node.ino))
 }
 
 // ---- ending regions of gone segments --------------------------------------------------

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use mshare::Backing;
+use mshare_uapi::Backing;
 
 /// Inode number of the root directory (FUSE's fixed root).
 pub const ROOT_INO: u64 = 1;
@@ -252,7 +252,7 @@ impl Tree {
             Node {
                 ino: INFO_INO,
                 parent: ROOT_INO,
-                name: mshare::uapi::MSHARE_INFO_NAME.to_string(),
+                name: mshare_uapi::MSHARE_INFO_NAME.to_string(),
                 kind: NodeKind::Info,
                 mode: 0o444,
                 uid: 0,

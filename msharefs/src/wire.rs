@@ -1,7 +1,7 @@
 //! Decoding and encoding of ioctl payloads, with length checks: a client's bytes are
 //! never trusted to have the right size.
 
-use mshare::uapi::{MshareCreate, MshareRegionInfo, MshareUnmap};
+use mshare_uapi::{MshareCreate, MshareRegionInfo, MshareUnmap};
 
 use crate::fs::FsResult;
 use kernel_glue::errnos::EINVAL;

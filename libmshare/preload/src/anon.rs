@@ -10,17 +10,13 @@
 //! `munmap(addr, len)` removes all of it.
 
 use std::ffi::CStr;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use kernel_glue::shim_sys;
-use mshare::anon::{AnonError, AnonName};
+use mshare::anon::AnonError;
 
 use crate::env::{self, ENV_ANON_NAME, PATH_MAX};
 use crate::log::{Bytes, errno_name, log};
 use crate::placed;
-
-/// Per-process counter for generated region names.
-static SEQ: AtomicU64 = AtomicU64::new(0);
 
 /// Places an anonymous shared mapping of `len` bytes on a new region of `MSHARE_MOUNT`.
 /// Returns its address, or `None` (after logging one line) when the caller should let
@@ -30,13 +26,7 @@ pub fn place(len: usize, populate: bool) -> Option<usize> {
     // Unset since the settings were read: placement is off now.
     let dir = env::mount_dir(&mut dir_buf)?;
     let mut name_buf = [0u8; 256];
-    let name = match shim_sys::getenv(ENV_ANON_NAME, &mut name_buf) {
-        Some(n) if !n.is_empty() => AnonName::Kept(n.to_bytes()),
-        _ => AnonName::Generated {
-            pid: shim_sys::getpid(),
-            seq: SEQ.fetch_add(1, Ordering::Relaxed),
-        },
-    };
+    let name = shim_sys::getenv(ENV_ANON_NAME, &mut name_buf).filter(|n| !n.is_empty());
     match mshare::anon::create_anon_region(dir, name, len) {
         Ok(mapping) => {
             if populate {
@@ -44,7 +34,7 @@ pub fn place(len: usize, populate: bool) -> Option<usize> {
                 let _ = mapping.populate(0, mapping.len() as u64);
             }
             let (addr, mapped) = mapping.into_raw();
-            if !placed::register(addr, addr + mapped) {
+            if !placed::register(addr, len, addr + mapped) {
                 log(format_args!(
                     "more than {} regions placed; munmap of {addr:#x} must use a length \
                      rounded up to 2 MiB",

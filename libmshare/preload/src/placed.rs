@@ -1,12 +1,15 @@
-//! The mappings of region backings the shim handed out whose length the program will
-//! `munmap` unrounded.
+//! The mappings of region backings the shim handed out that are longer than the program
+//! asked for.
 //!
 //! A hugetlb mapping can only be unmapped in whole huge pages, while a program that asked
 //! for (and will `munmap`) `len` bytes passes `len`: PostgreSQL's main segment, a POSIX
-//! segment of 3,145,851 bytes mapped by Python. The shim remembers each such mapping in a
-//! small lock-free table and rounds the end of a `munmap` that stops inside one up to the
-//! huge page, so the program's own `munmap(addr, len)` removes the whole mapping. Entries
-//! are dropped when their range is unmapped or replaced with `MAP_FIXED`.
+//! segment of 3,145,851 bytes mapped by Python. And a region whose size is not a multiple
+//! of 1 GiB is mapped up to the next GiB boundary, so that the table of its last GiB is
+//! shared too (`Mapping::map_granules`). The shim remembers each such mapping in a small
+//! lock-free table: a `munmap` that reaches the end the program asked for removes the
+//! whole mapping; one that stops inside it earlier is rounded up to the huge page. So the
+//! program's own `munmap(addr, len)` removes everything the shim mapped. Entries are
+//! dropped when their range is unmapped or replaced with `MAP_FIXED`.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -21,16 +24,22 @@ pub const SLOTS: usize = 128;
 static STARTS: [AtomicUsize; SLOTS] = [const { AtomicUsize::new(0) }; SLOTS];
 /// End of each placed mapping, a huge-page boundary (0: slot being filled or emptied).
 static ENDS: [AtomicUsize; SLOTS] = [const { AtomicUsize::new(0) }; SLOTS];
+/// End of what the program asked for, rounded up to the page (at most the end).
+static ASKED: [AtomicUsize; SLOTS] = [const { AtomicUsize::new(0) }; SLOTS];
 /// Number of filled slots: 0 keeps `munmap` and `MAP_FIXED` on the fast path.
 static LIVE: AtomicUsize = AtomicUsize::new(0);
 
-/// Records `[start, end)`; false when the table is full.
-pub fn register(start: usize, end: usize) -> bool {
-    for (s, e) in STARTS.iter().zip(&ENDS) {
-        if s.compare_exchange(0, start, Ordering::AcqRel, Ordering::Relaxed)
+/// Records a mapping of `[start, end)` of which the program asked for `len` bytes; false
+/// when the table is full.
+pub fn register(start: usize, len: usize, end: usize) -> bool {
+    let asked = start.saturating_add(len.next_multiple_of(PAGE)).min(end);
+    for i in 0..SLOTS {
+        if STARTS[i]
+            .compare_exchange(0, start, Ordering::AcqRel, Ordering::Relaxed)
             .is_ok()
         {
-            e.store(end, Ordering::Release);
+            ASKED[i].store(asked, Ordering::Release);
+            ENDS[i].store(end, Ordering::Release);
             LIVE.fetch_add(1, Ordering::Release);
             return true;
         }
@@ -44,8 +53,9 @@ pub fn any() -> bool {
 }
 
 /// The length to pass to the kernel for `munmap(addr, len)`: `len`, unless the range ends
-/// inside a placed mapping at a point that is not a huge-page boundary; then up to that
-/// boundary (which the mapping covers: its end is one).
+/// inside a placed mapping: then up to the mapping's end if the range reaches the end the
+/// program asked for, else up to the next huge-page boundary (which the mapping covers:
+/// its end is one).
 pub fn munmap_len(addr: usize, len: usize) -> usize {
     let Some(end) = len
         .checked_add(PAGE - 1)
@@ -54,15 +64,22 @@ pub fn munmap_len(addr: usize, len: usize) -> usize {
     else {
         return len;
     };
-    if end % HUGE_PAGE == 0 {
-        return len;
-    }
-    for (s, e) in STARTS.iter().zip(&ENDS) {
-        let (start, stop) = (s.load(Ordering::Acquire), e.load(Ordering::Acquire));
-        if start != 0 && stop != 0 && end > start && end < stop {
-            let rounded = (end + HUGE_PAGE - 1) & !(HUGE_PAGE - 1);
-            return rounded - addr;
+    for i in 0..SLOTS {
+        let start = STARTS[i].load(Ordering::Acquire);
+        let (asked, stop) = (
+            ASKED[i].load(Ordering::Acquire),
+            ENDS[i].load(Ordering::Acquire),
+        );
+        if start == 0 || stop == 0 || end <= start || end >= stop {
+            continue;
         }
+        if end >= asked {
+            return stop - addr;
+        }
+        if end % HUGE_PAGE != 0 {
+            return end.next_multiple_of(HUGE_PAGE) - addr;
+        }
+        return len;
     }
     len
 }
@@ -94,7 +111,7 @@ mod tests {
         const G: usize = 1 << 30;
         // Made-up addresses: the table never touches memory.
         let (start, end) = (64 * G, 64 * G + 140 * HUGE_PAGE);
-        assert!(register(start, end));
+        assert!(register(start, 291_954_688, end));
         assert!(any());
         // PostgreSQL's munmap(addr, 291954688): rounded to the 140 huge pages mapped.
         assert_eq!(munmap_len(start, 291_954_688), 140 * HUGE_PAGE);
@@ -111,10 +128,19 @@ mod tests {
         assert!(!any());
         // The table reuses slots and refuses more than it holds.
         for i in 0..SLOTS {
-            assert!(register((i + 1) * G, (i + 1) * G + HUGE_PAGE));
+            assert!(register((i + 1) * G, HUGE_PAGE, (i + 1) * G + HUGE_PAGE));
         }
-        assert!(!register(1000 * G, 1000 * G + HUGE_PAGE));
+        assert!(!register(1000 * G, HUGE_PAGE, 1000 * G + HUGE_PAGE));
         forget(G, SLOTS * G);
+        assert!(!any());
+        // Mapped up to the next GiB: an unmap of what was asked for takes it all; one of
+        // a part of it only rounds to the huge page.
+        assert!(register(3 * G, 300 << 20, 4 * G));
+        assert_eq!(munmap_len(3 * G, 300 << 20), G);
+        assert_eq!(munmap_len(3 * G, (300 << 20) - 4096), 300 << 20);
+        assert_eq!(munmap_len(3 * G, 100 << 20), 100 << 20);
+        assert_eq!(munmap_len(3 * G, (100 << 20) + 1), 102 << 20);
+        forget(3 * G, G);
         assert!(!any());
     }
 }

@@ -23,8 +23,8 @@ use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 
 use kernel_glue::errnos::*;
 use kernel_glue::{consts, fd as kfd, shim_sys};
-use mshare::interpose::{ShmRequest, mount_info};
-use mshare::uapi;
+use mshare::client::{mount_info, request, socket_path};
+use mshare::uapi::{self, MshareRegionInfo, ShmRequest};
 
 use crate::env::{self, PATH_MAX};
 use crate::log::{Bytes, errno_name, log};
@@ -132,9 +132,7 @@ fn promote(fd: BorrowedFd<'_>, len: u64) -> Option<Result<(), i32>> {
     let dir = env::mount_dir(&mut dir_buf)?;
     let _errno = SavedErrno::save();
     let region = mount_info(dir).and_then(|info| {
-        ShmRequest::posix_size(len)
-            .send(&info, Some(fd))?
-            .ok_or_else(|| kernel_glue::errno(EIO))
+        send(&info, ShmRequest::posix_size(len), Some(fd))?.ok_or_else(|| kernel_glue::errno(EIO))
     });
     match region {
         Ok(region) => Some(replace(fd, region.as_fd())),
@@ -259,7 +257,7 @@ fn adopt(fd: BorrowedFd<'_>) -> Result<(), i32> {
     let Some(dir) = env::mount_dir(&mut dir_buf) else {
         return Err(EIO);
     };
-    let region = mount_info(dir).and_then(|info| ShmRequest::posix_open().send(&info, Some(fd)));
+    let region = mount_info(dir).and_then(|info| send(&info, ShmRequest::posix_open(), Some(fd)));
     match region {
         Ok(Some(region)) => replace(fd, region.as_fd()),
         // The mark outlived its region (the mount was purged): an ordinary segment now.
@@ -334,10 +332,20 @@ pub unsafe extern "C" fn shm_unlink(name: *const c_char) -> c_int {
     r
 }
 
+/// Sends `req` (with `fd`) to the daemon whose mount `info` describes; returns the
+/// descriptor it yields.
+pub fn send(
+    info: &MshareRegionInfo,
+    req: ShmRequest,
+    fd: Option<BorrowedFd<'_>>,
+) -> std::io::Result<Option<std::os::fd::OwnedFd>> {
+    request(socket_path(info)?, req.bytes(), fd).map(|(fd, _)| fd)
+}
+
 /// Asks the daemon to end the regions of gone segments now.
 pub fn reconcile() {
     let mut dir_buf = [0u8; PATH_MAX];
     if let Some(dir) = env::mount_dir(&mut dir_buf) {
-        let _ = mount_info(dir).and_then(|info| ShmRequest::reconcile().send(&info, None));
+        let _ = mount_info(dir).and_then(|info| send(&info, ShmRequest::reconcile(), None));
     }
 }

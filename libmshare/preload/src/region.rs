@@ -23,10 +23,10 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::sync::atomic::AtomicBool;
 
 use kernel_glue::errnos::*;
-use kernel_glue::mapping::Protection;
+use kernel_glue::mapping::{Mapping, Protection};
 use kernel_glue::shim_sys::{self, MAP_FAILED};
 use kernel_glue::{consts, fd as kfd};
-use mshare::interpose;
+use mshare::client::{self, Cover};
 use mshare::uapi::{self, MshareRegionInfo};
 
 use crate::log::log_once;
@@ -61,7 +61,7 @@ pub fn map(
     fd: BorrowedFd<'_>,
     offset: i64,
 ) -> Result<Option<usize>, i32> {
-    let Some(info) = interpose::region_info(fd) else {
+    let Some(info) = client::region_info(fd) else {
         return Ok(None);
     };
     let private = flags & shim_sys::MAP_TYPE == shim_sys::MAP_PRIVATE;
@@ -107,12 +107,20 @@ fn attach_whole(
     if !plain {
         return Ok(None);
     }
-    let mapping = interpose::attach_fd(fd, info, prot).map_err(|e| kernel_glue::errno_of(&e))?;
+    let mapping =
+        client::attach(fd, info, prot, Cover::Granules).map_err(|e| kernel_glue::errno_of(&e))?;
     if flags & shim_sys::MAP_POPULATE != 0 {
         // mmap(2) ignores MAP_POPULATE failures too: the pages fault in later instead.
         let _ = mapping.populate(0, info.size);
     }
-    Ok(Some(mapping.into_raw().0))
+    let (addr, mapped) = mapping.into_raw();
+    if mapped > len && !placed::register(addr, len, addr + mapped) {
+        crate::log::log(format_args!(
+            "more than {} regions placed; munmap of {addr:#x} must cover {mapped} bytes",
+            placed::SLOTS
+        ));
+    }
+    Ok(Some(addr))
 }
 
 /// hugetlb regions: the backing, mapped as the caller asked, where sharing works.
@@ -148,12 +156,35 @@ fn map_backing(
     } else {
         Protection::ReadOnly
     };
-    let socket = interpose::socket_path(info).map_err(|e| kernel_glue::errno_of(&e))?;
-    let backing =
-        interpose::request_backing(socket, fd, access).map_err(|e| kernel_glue::errno_of(&e))?;
+    let socket = client::socket_path(info).map_err(|e| kernel_glue::errno_of(&e))?;
+    let (backing, _) =
+        client::request_backing(socket, fd, access).map_err(|e| kernel_glue::errno_of(&e))?;
     let fixed = flags & (shim_sys::MAP_FIXED | shim_sys::MAP_FIXED_NOREPLACE) != 0;
     if !shared {
         return map_private_copy(addr, len, prot, flags, backing.as_fd(), offset);
+    }
+    let plain = flags & !(shim_sys::MAP_TYPE | HONOURED_FLAGS) == 0;
+    if let (false, true, 0, Ok(p)) = (fixed, plain, offset % GIB, Protection::from_bits(prot)) {
+        // The usual case (Python's and PostgreSQL's mmap of a whole segment): every GiB
+        // covered whole, so all of its page tables are shared.
+        let m = if uapi::covers_last_granule(info.size) {
+            Mapping::map_granules(backing.as_fd(), offset as u64, mapped as u64, p, GIB as u64)
+        } else {
+            Mapping::map_range_aligned(backing.as_fd(), offset as u64, mapped as u64, p, GIB as u64)
+        }
+        .map_err(|e| kernel_glue::errno_of(&e))?;
+        if flags & shim_sys::MAP_POPULATE != 0 {
+            // mmap(2) ignores MAP_POPULATE failures too: the pages fault in later instead.
+            let _ = m.populate(0, mapped as u64);
+        }
+        let (got, total) = m.into_raw();
+        if total > len && !placed::register(got, len, got + total) {
+            crate::log::log(format_args!(
+                "more than {} regions mapped; munmap of {got:#x} must cover {total} bytes",
+                placed::SLOTS
+            ));
+        }
+        return Ok(got);
     }
     let at = if fixed {
         addr
@@ -172,7 +203,7 @@ fn map_backing(
             return Err(e);
         }
     };
-    if len % HUGE_PAGE != 0 && !placed::register(got, got + mapped) {
+    if len % HUGE_PAGE != 0 && !placed::register(got, len, got + mapped) {
         crate::log::log(format_args!(
             "more than {} regions mapped with unrounded lengths; munmap of {got:#x} must \
              use a length rounded up to 2 MiB",

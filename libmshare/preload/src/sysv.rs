@@ -24,13 +24,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use kernel_glue::errnos::*;
 use kernel_glue::ipc::{self, SHM_EXEC, SHM_RDONLY, SHM_REMAP, SHM_RND, SHMLBA};
-use kernel_glue::{fd as kfd, shim_sys};
-use mshare::interpose::{ShmRequest, mount_info};
+use kernel_glue::mapping::Protection;
+use kernel_glue::shim_sys;
+use mshare::client::{self, Cover, mount_info};
+use mshare::uapi::ShmRequest;
 
 use crate::env::{self, PATH_MAX};
 use crate::log::{Bytes, errno_name, log};
 
-const GIB: usize = 1 << 30;
 const HUGE_PAGE: usize = kernel_glue::HUGE_PAGE_SIZE as usize;
 const PAGE: usize = kernel_glue::PAGE_SIZE as usize;
 /// `(void *)-1`, `shmat`'s failure.
@@ -88,8 +89,9 @@ fn created(key: c_int, size: usize, flags: c_int, id: c_int) -> c_int {
     let Some(dir) = env::mount_dir(&mut dir_buf) else {
         return id;
     };
-    let made = mount_info(dir)
-        .and_then(|info| ShmRequest::sysv_created(id, size as u64).send(&info, None));
+    let made = mount_info(dir).and_then(|info| {
+        crate::posix::send(&info, ShmRequest::sysv_created(id, size as u64), None)
+    });
     let Err(e) = made else {
         return id;
     };
@@ -266,11 +268,16 @@ fn place(
     let Some(dir) = env::mount_dir(&mut dir_buf) else {
         return Ok(None);
     };
-    let backing = match mount_info(dir)
-        .and_then(|info| ShmRequest::sysv_attach(id, write).send(&info, None))
-    {
-        Ok(Some(fd)) => fd,
-        Ok(None) => return Err(EIO),
+    let reply = mount_info(dir).and_then(|info| {
+        client::request(
+            client::socket_path(&info)?,
+            ShmRequest::sysv_attach(id, write).bytes(),
+            None,
+        )
+    });
+    let (backing, info) = match reply {
+        Ok((Some(fd), info)) => (fd, info),
+        Ok((None, _)) => return Err(EIO),
         Err(e) if e.raw_os_error() == Some(ENOENT) => return Ok(None),
         Err(e) => {
             let errno = kernel_glue::errno_of(&e);
@@ -292,51 +299,52 @@ fn place(
             return if ours { Err(errno) } else { Ok(None) };
         }
     };
-    let size = kfd::fstat(&backing)
-        .map_err(|e| kernel_glue::errno_of(&e))?
-        .size as usize;
     let stub_len = ipc::shm_stat(id)
         .map_err(|e| kernel_glue::errno_of(&e))?
         .segsz
         .next_multiple_of(PAGE);
     let prot = if write {
-        shim_sys::PROT_READ_WRITE
+        Protection::ReadWrite
     } else {
-        shim_sys::PROT_READ
+        Protection::ReadOnly
     };
-    let (at, fixed) = match target {
-        None => (
-            shim_sys::reserve_aligned(size, GIB, 0).map_err(|e| kernel_glue::errno_of(&e))?,
-            shim_sys::MAP_FIXED,
-        ),
+    let (at, size) = match target {
+        None => {
+            // Every GiB covered whole: all of its page tables shared.
+            let m = client::map_backing(backing.as_fd(), info.size, prot, Cover::Granules)
+                .map_err(|e| kernel_glue::errno_of(&e))?;
+            m.into_raw()
+        }
         // hugetlb memory maps at huge-page boundaries only (the kernel's EINVAL).
         Some(a) if a % HUGE_PAGE != 0 => return Err(EINVAL),
-        Some(a) if flags & SHM_REMAP != 0 => (a, shim_sys::MAP_FIXED),
-        Some(a) => (a, shim_sys::MAP_FIXED_NOREPLACE),
-    };
-    // SAFETY: `at` is our own reservation (MAP_FIXED over it), or the caller's address
-    // with the caller's SHM_REMAP consent (MAP_FIXED) or without replacing anything
-    // (MAP_FIXED_NOREPLACE).
-    let got = unsafe {
-        use std::os::fd::AsRawFd;
-        shim_sys::raw_mmap(
-            at as *mut c_void,
-            size,
-            prot,
-            shim_sys::MAP_SHARED | fixed,
-            backing.as_fd().as_raw_fd(),
-            0,
-        )
-    };
-    if got == shim_sys::MAP_FAILED {
-        let e = last_errno();
-        if target.is_none() {
-            // SAFETY: our own reservation, referenced by nothing.
-            unsafe { shim_sys::raw_munmap(at as *mut c_void, size) };
+        Some(a) => {
+            let fixed = if flags & SHM_REMAP != 0 {
+                shim_sys::MAP_FIXED
+            } else {
+                shim_sys::MAP_FIXED_NOREPLACE
+            };
+            let size = info.size as usize;
+            // SAFETY: the caller's address with the caller's SHM_REMAP consent (MAP_FIXED)
+            // or without replacing anything (MAP_FIXED_NOREPLACE).
+            let got = unsafe {
+                use std::os::fd::AsRawFd;
+                shim_sys::raw_mmap(
+                    a as *mut c_void,
+                    size,
+                    prot.bits(),
+                    shim_sys::MAP_SHARED | fixed,
+                    backing.as_fd().as_raw_fd(),
+                    0,
+                )
+            };
+            if got == shim_sys::MAP_FAILED {
+                let e = last_errno();
+                // shmat reports an occupied address as EINVAL.
+                return Err(if e == EEXIST { EINVAL } else { e });
+            }
+            (a, size)
         }
-        // shmat reports an occupied address as EINVAL.
-        return Err(if e == EEXIST { EINVAL } else { e });
-    }
+    };
     if stub_len > PAGE {
         // SAFETY: the tail of our own stub attachment, referenced by nothing.
         unsafe { shim_sys::raw_munmap((stub + PAGE) as *mut c_void, stub_len - PAGE) };

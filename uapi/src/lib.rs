@@ -1,16 +1,29 @@
-//! The mshare uAPI: ioctl numbers and argument layouts shared by the daemon and clients.
+//! What the msharefs daemon and its clients agree on, and nothing else: the mshare uAPI
+//! (ioctl numbers and argument layouts), the backing kinds, and the attach socket's
+//! requests and replies. The daemon depends on this crate, never on the client library.
 //!
 //! `MSHAREFS_CREATE_MAPPING` and `MSHAREFS_UNMAP` are the kernel's v3 definitions
 //! (`include/uapi/linux/msharefs.h`, Aug 2025), byte for byte. `MSHAREFS_GET_INFO` and the
 //! attach protocol are msharefs extensions in the same `'x'` range, needed because a
 //! hugetlb backing cannot be reached through FUSE passthrough: a client proves its access
 //! by passing its open msharefs descriptor to the daemon's attach socket and receives the
-//! backing file opened with no more access than that descriptor has.
+//! backing file opened with no more access than that descriptor has, with the region's
+//! [`MshareRegionInfo`] in the same reply (one round trip per attach).
 
 /// Root file holding the sharing granule as decimal text and a newline.
 pub const MSHARE_INFO_NAME: &str = "mshare_info";
 /// The granule msharefs reports: the range one shared PMD page-table page covers.
 pub const MSHARE_GRANULE: u64 = 1 << 30;
+/// Whether the mappings of a hugetlb region of `size` bytes cover its last, partial
+/// granule whole (a `MAP_NORESERVE` mapping of a whole granule reaching past the end of the
+/// file), which every party that maps the region must agree on: the kernel shares a page
+/// table only between mappings that cover its whole range with the same flags. Done when
+/// the region spans at least one whole granule, so that the address space added is less
+/// than the region itself; a smaller region is mapped as it is (one unshared 4 KiB table).
+pub fn covers_last_granule(size: u64) -> bool {
+    size > MSHARE_GRANULE && size % MSHARE_GRANULE != 0
+}
+
 /// Extended attribute that chooses a region's backing before its size is set.
 pub const BACKING_XATTR: &str = match BACKING_XATTR_C.to_str() {
     Ok(s) => s,
@@ -138,20 +151,106 @@ pub const BACKING_THP: u32 = 2;
 /// 4 KiB shmem pages.
 pub const BACKING_SHMEM: u32 = 3;
 
+/// Where a region's data lives; see the README's backing table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Backing {
+    /// The mount's default.
+    Default,
+    /// 2 MiB hugetlb pages with shared page tables.
+    Hugetlb,
+    /// 2 MiB transparent huge pages (tmpfs `huge=always`).
+    Thp,
+    /// 4 KiB shmem pages.
+    Shmem,
+}
+
+/// Size of a hugetlb page (x86-64 PMD size).
+pub const HUGE_PAGE_SIZE: u64 = 2 << 20;
+/// Size of a base page.
+pub const PAGE_SIZE: u64 = 4096;
+
+impl Backing {
+    /// From the uAPI / C value (`MSHARE_BACKING_*`); `None` for an unknown value.
+    pub fn from_raw(v: u32) -> Option<Backing> {
+        Some(match v {
+            BACKING_DEFAULT => Backing::Default,
+            BACKING_HUGETLB => Backing::Hugetlb,
+            BACKING_THP => Backing::Thp,
+            BACKING_SHMEM => Backing::Shmem,
+            _ => return None,
+        })
+    }
+
+    /// The uAPI / C value.
+    pub fn raw(self) -> u32 {
+        match self {
+            Backing::Default => BACKING_DEFAULT,
+            Backing::Hugetlb => BACKING_HUGETLB,
+            Backing::Thp => BACKING_THP,
+            Backing::Shmem => BACKING_SHMEM,
+        }
+    }
+
+    /// The name used by the `user.mshare.backing` xattr and the CLI.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backing::Default => "default",
+            Backing::Hugetlb => "hugetlb",
+            Backing::Thp => "thp",
+            Backing::Shmem => "shmem",
+        }
+    }
+
+    /// Parses a name as written by [`Backing::name`].
+    pub fn from_name(s: &str) -> Option<Backing> {
+        Some(match s {
+            "default" => Backing::Default,
+            "hugetlb" => Backing::Hugetlb,
+            "thp" => Backing::Thp,
+            "shmem" => Backing::Shmem,
+            _ => return None,
+        })
+    }
+
+    /// Page size of the backing.
+    pub fn page_size(self) -> u64 {
+        match self {
+            Backing::Hugetlb => HUGE_PAGE_SIZE,
+            _ => PAGE_SIZE,
+        }
+    }
+}
+
 /// Attach protocol: the client sends one request byte with its msharefs descriptor
 /// attached; `ATTACH_READ` asks for a read-only backing descriptor, `ATTACH_WRITE` for a
 /// read-write one (refused with `EACCES` unless the passed descriptor is open for writing).
+/// Only the first byte counts.
 pub const ATTACH_READ: u8 = b'r';
 /// See [`ATTACH_READ`].
 pub const ATTACH_WRITE: u8 = b'w';
-/// The daemon answers with a 4-byte native-endian `i32`: 0 with the backing descriptor
-/// attached, or a positive errno without one.
-pub const ATTACH_REPLY_LEN: usize = 4;
+
+/// Every reply of the attach socket starts with a native-endian `i32` status: 0, or a
+/// positive errno. A failure is just that status (4 bytes); a success is an
+/// [`AttachReply`] (with the descriptor the request yields, if any, attached).
+pub const STATUS_LEN: usize = 4;
+
+/// The reply to a request that succeeded: the status (0) and, for a request about a
+/// region, the region's info as `MSHAREFS_GET_INFO` reports it (zeros otherwise).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, Immutable)]
+pub struct AttachReply {
+    /// 0.
+    pub status: i32,
+    /// Zero.
+    pub reserved: u32,
+    /// The region's info.
+    pub info: MshareRegionInfo,
+}
 
 /// Shared-memory requests of the `LD_PRELOAD` shim (see the daemon's `shm.rs`). Every
 /// request is one message: the request byte, its fixed-size native-endian payload, and
-/// the descriptor it names; the reply is as for attach (`i32` status, a descriptor on
-/// success where the request yields one).
+/// the descriptor it names (build them with [`ShmRequest`]); the reply is as for attach
+/// (a status, or an [`AttachReply`] with a descriptor where the request yields one).
 ///
 /// `SHM_POSIX_SIZE` + `u64` length, with a `/dev/shm` descriptor open read-write: make
 /// the segment a hugetlb region of that length. Replies with the region file, open
@@ -178,6 +277,61 @@ pub const SHM_PAIRED_XATTR: &std::ffi::CStr = c"user.mshare.region";
 /// Longest shared-memory request message.
 pub const SHM_REQUEST_MAX: usize = 16;
 
+/// A shared-memory request: the request byte and its payload, built without allocating.
+#[derive(Debug, Clone, Copy)]
+pub struct ShmRequest {
+    buf: [u8; SHM_REQUEST_MAX],
+    len: usize,
+}
+
+impl ShmRequest {
+    fn new(kind: u8) -> ShmRequest {
+        let mut buf = [0; SHM_REQUEST_MAX];
+        buf[0] = kind;
+        ShmRequest { buf, len: 1 }
+    }
+
+    fn with(mut self, bytes: &[u8]) -> ShmRequest {
+        self.buf[self.len..self.len + bytes.len()].copy_from_slice(bytes);
+        self.len += bytes.len();
+        self
+    }
+
+    /// Make the POSIX segment sent with it a region of `length` bytes.
+    pub fn posix_size(length: u64) -> ShmRequest {
+        Self::new(SHM_POSIX_SIZE).with(&length.to_ne_bytes())
+    }
+
+    /// The region file of the POSIX segment sent with it.
+    pub fn posix_open() -> ShmRequest {
+        Self::new(SHM_POSIX_OPEN)
+    }
+
+    /// End the regions of segments that are gone, now.
+    pub fn reconcile() -> ShmRequest {
+        Self::new(SHM_RECONCILE)
+    }
+
+    /// The System V segment `id` of `size` bytes was just created by the sender.
+    pub fn sysv_created(id: i32, size: u64) -> ShmRequest {
+        Self::new(SHM_SYSV_CREATED)
+            .with(&id.to_ne_bytes())
+            .with(&size.to_ne_bytes())
+    }
+
+    /// The backing of System V segment `id`, which the sender has attached.
+    pub fn sysv_attach(id: i32, write: bool) -> ShmRequest {
+        Self::new(SHM_SYSV_ATTACH)
+            .with(&id.to_ne_bytes())
+            .with(&[u8::from(write)])
+    }
+
+    /// The message bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -190,5 +344,30 @@ mod tests {
         assert_eq!(MSHAREFS_UNMAP, 0x4010_7801);
         assert_eq!(std::mem::size_of::<MshareRegionInfo>(), 160);
         assert_eq!(MSHAREFS_GET_INFO, 0x80a0_7810);
+        assert_eq!(std::mem::size_of::<AttachReply>(), 168);
+    }
+
+    #[test]
+    fn backings_round_trip() {
+        for b in [
+            Backing::Default,
+            Backing::Hugetlb,
+            Backing::Thp,
+            Backing::Shmem,
+        ] {
+            assert_eq!(Backing::from_raw(b.raw()), Some(b));
+            assert_eq!(Backing::from_name(b.name()), Some(b));
+        }
+        assert_eq!(Backing::from_raw(9), None);
+        assert_eq!(Backing::Hugetlb.page_size(), 2 << 20);
+    }
+
+    #[test]
+    fn shm_requests_encode_their_payload() {
+        assert_eq!(ShmRequest::reconcile().bytes(), b"U");
+        let r = ShmRequest::sysv_attach(7, true);
+        assert_eq!(r.bytes()[0], SHM_SYSV_ATTACH);
+        assert_eq!(r.bytes().len(), 6);
+        assert_eq!(ShmRequest::sysv_created(1, 2).bytes().len(), 13);
     }
 }
