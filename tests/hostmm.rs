@@ -285,7 +285,10 @@ fn a_partial_last_gib_shares_its_table_too() {
         assert_eq!(rep.addr % GIB, 0);
         // One per GiB, the partial one included, and some slack; 64 for the last GiB
         // alone would mean its table is not shared.
-        assert!(faults <= 8, "{who}: {faults} faults: the last GiB's table is not shared");
+        assert!(
+            faults <= 8,
+            "{who}: {faults} faults: the last GiB's table is not shared"
+        );
     }
     assert_eq!(reader.pattern_ok, Some(true));
     // Every attacher counts as sharing, the last slot included.

@@ -24,11 +24,11 @@ pub enum UserQuota {
 
 /// What a size accepts, for error messages.
 const SIZE_FORMS: &str = "expected bytes (1073741824) or a size with K, M, G or T in powers \
-                          of 1024 (16G)";
+                          of 1024 (16G, 16GB, 16GiB)";
 
 /// What `--user-quota` accepts, for error messages.
 const QUOTA_FORMS: &str = "expected bytes (1073741824), a size with K, M, G or T in powers of \
-                           1024 (16G), a percentage of MemTotal (50%) or none";
+                           1024 (16G, 16GB, 16GiB), a percentage of MemTotal (50%) or none";
 
 /// A non-empty run of ASCII digits as a number (`str::parse` alone would take `+5`).
 fn digits(s: &str) -> Option<u64> {
@@ -38,19 +38,19 @@ fn digits(s: &str) -> Option<u64> {
     s.parse().ok()
 }
 
-/// A size in bytes: `1073741824` or `16G` (K/M/G/T, powers of 1024, any case). The error
-/// names the value.
+/// A size in bytes, in the one grammar of msharefs ([`mshare_uapi::parse_size`]):
+/// `1073741824`, `16G`, `16GB`, `16GiB`. The error names the value.
 pub fn parse_size(s: &str) -> Result<u64, String> {
-    let (number, shift) = match s.as_bytes().last() {
-        Some(b'k' | b'K') => (&s[..s.len() - 1], 10),
-        Some(b'm' | b'M') => (&s[..s.len() - 1], 20),
-        Some(b'g' | b'G') => (&s[..s.len() - 1], 30),
-        Some(b't' | b'T') => (&s[..s.len() - 1], 40),
-        _ => (s, 0),
-    };
-    let n = digits(number).ok_or_else(|| format!("{s:?}: {SIZE_FORMS}"))?;
-    n.checked_mul(1 << shift)
-        .ok_or_else(|| format!("{s:?}: more than 2^64 - 1 bytes"))
+    mshare_uapi::parse_size(s.as_bytes()).ok_or_else(|| {
+        // Well formed but too large: the same unit after a small number parses.
+        let unit = s.trim_start_matches(|c: char| c.is_ascii_digit());
+        if unit.len() < s.len() && mshare_uapi::parse_size(format!("1{unit}").as_bytes()).is_some()
+        {
+            format!("{s:?}: more than 2^64 - 1 bytes")
+        } else {
+            format!("{s:?}: {SIZE_FORMS}")
+        }
+    })
 }
 
 /// Parses `--user-quota`: a size as [`parse_size`], `50%` (of MemTotal, 0 to 100) or
@@ -419,7 +419,7 @@ mod tests {
             "",
             "G",
             "16X",
-            "16GB",
+            "16GBs",
             "16 G",
             " 16G",
             "-1",
@@ -444,10 +444,13 @@ mod tests {
                 .contains("more than")
         );
         assert!(parse_user_quota("18446744073709551616").is_err());
-        for bad in ["", "-1", "1.5G", "nan", "16GB", "18446744073709551616"] {
+        for bad in ["", "-1", "1.5G", "nan", "16GiBs", "18446744073709551616"] {
             let e = parse_size(bad).unwrap_err();
             assert!(e.contains(&format!("{bad:?}")), "{bad:?}: {e}");
         }
+        // One grammar with the shim's environment (mshare_uapi::parse_size).
+        assert_eq!(parse_size("16GB"), Ok(16 << 30));
+        assert_eq!(parse_size("16GiB"), Ok(16 << 30));
         for bad in [
             "nan", "NaN", "inf", "-inf", "-0.5", "100.01", "1e3", "", "ten",
         ] {

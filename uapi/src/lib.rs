@@ -24,6 +24,38 @@ pub fn covers_last_granule(size: u64) -> bool {
     size > MSHARE_GRANULE && size % MSHARE_GRANULE != 0
 }
 
+/// A size as people write one, the one grammar of msharefs's command line, mount options
+/// and the shim's environment: digits, then optionally `k`, `M`, `G` or `T` (powers of
+/// 1024, any case), then optionally `B` or, after a unit, `iB` (`123`, `123B`, `64k`,
+/// `16G`, `16GB`, `16GiB`). `None` for anything else or past 2^64 - 1. Allocation-free.
+pub fn parse_size(s: &[u8]) -> Option<u64> {
+    let digits = s.iter().take_while(|c| c.is_ascii_digit()).count();
+    if digits == 0 {
+        return None;
+    }
+    let mut n: u64 = 0;
+    for &c in &s[..digits] {
+        n = n.checked_mul(10)?.checked_add(u64::from(c - b'0'))?;
+    }
+    let rest = &s[digits..];
+    let (shift, rest) = match rest.first().map(u8::to_ascii_lowercase) {
+        Some(b'k') => (10, &rest[1..]),
+        Some(b'm') => (20, &rest[1..]),
+        Some(b'g') => (30, &rest[1..]),
+        Some(b't') => (40, &rest[1..]),
+        _ => (0, rest),
+    };
+    let suffix_ok = match rest {
+        b"" | b"B" | b"b" => true,
+        b"iB" | b"ib" => shift != 0,
+        _ => false,
+    };
+    if !suffix_ok {
+        return None;
+    }
+    n.checked_mul(1u64 << shift)
+}
+
 /// Extended attribute that chooses a region's backing before its size is set.
 pub const BACKING_XATTR: &str = match BACKING_XATTR_C.to_str() {
     Ok(s) => s,
@@ -345,6 +377,40 @@ mod tests {
         assert_eq!(std::mem::size_of::<MshareRegionInfo>(), 160);
         assert_eq!(MSHAREFS_GET_INFO, 0x80a0_7810);
         assert_eq!(std::mem::size_of::<AttachReply>(), 168);
+    }
+
+    #[test]
+    fn sizes_parse_in_one_grammar() {
+        for (s, v) in [
+            (&b"123"[..], 123u64),
+            (b"123B", 123),
+            (b"64k", 64 << 10),
+            (b"64KiB", 64 << 10),
+            (b"256M", 256 << 20),
+            (b"256MB", 256 << 20),
+            (b"16G", 16 << 30),
+            (b"16GB", 16 << 30),
+            (b"16gib", 16 << 30),
+            (b"2T", 2 << 40),
+        ] {
+            assert_eq!(parse_size(s), Some(v), "{s:?}");
+        }
+        for bad in [
+            &b""[..],
+            b"M",
+            b"-1",
+            b"+1",
+            b"1.5G",
+            b"12x",
+            b"1GG",
+            b"10iB",
+            b" 1",
+            b"1 G",
+            b"99999999999999999999999",
+            b"17179869184G",
+        ] {
+            assert_eq!(parse_size(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

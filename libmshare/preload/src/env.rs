@@ -69,7 +69,8 @@ fn read_threshold(var: &CStr) -> usize {
         let mut raw = [0u8; 64];
         let shown = shim_sys::getenv(var, &mut raw).map_or(&b"(too long)"[..], CStr::to_bytes);
         log(format_args!(
-            "{}={:?} is not a byte count (digits, optional k/M/G); that placement stays off",
+            "{}={:?} is not a byte count (digits, optional k/M/G/T, optional B or iB); that \
+             placement stays off",
             Bytes(var.to_bytes()),
             Bytes(shown)
         ));
@@ -92,30 +93,10 @@ pub fn mount_dir(buf: &mut [u8; PATH_MAX]) -> Option<&CStr> {
     shim_sys::getenv(ENV_MOUNT, buf).filter(|d| !d.is_empty())
 }
 
-/// Parses `123`, `64k`, `256M`, `2G` (powers of 1024, case-insensitive, optional `B`/`iB`).
+/// A byte count in msharefs's one size grammar ([`mshare::uapi::parse_size`]: `123`,
+/// `64k`, `256M`, `2G`, `2GB`, `2GiB`).
 pub fn parse_bytes(s: &[u8]) -> Option<usize> {
-    let digits = s.iter().take_while(|c| c.is_ascii_digit()).count();
-    if digits == 0 {
-        return None;
-    }
-    let mut n: usize = 0;
-    for &c in &s[..digits] {
-        n = n.checked_mul(10)?.checked_add(usize::from(c - b'0'))?;
-    }
-    let (shift, rest) = match s.get(digits).map(u8::to_ascii_lowercase) {
-        None => (0, &s[digits..]),
-        Some(b'k') => (10, &s[digits + 1..]),
-        Some(b'm') => (20, &s[digits + 1..]),
-        Some(b'g') => (30, &s[digits + 1..]),
-        Some(b'b') => (0, &s[digits..]),
-        Some(_) => return None,
-    };
-    let rest_ok = matches!(rest, b"" | b"B" | b"b" | b"iB" | b"ib")
-        && !(shift == 0 && matches!(rest, b"iB" | b"ib"));
-    if !rest_ok {
-        return None;
-    }
-    n.checked_mul(1usize.checked_shl(shift)?)
+    mshare::uapi::parse_size(s).and_then(|n| usize::try_from(n).ok())
 }
 
 #[cfg(test)]
