@@ -409,3 +409,62 @@ fn shim_mmap_semantics_on_regions() {
         std::fs::remove_file(&path).unwrap();
     }
 }
+
+/// Opens `argv[1]` read-write, writes a mark into it through a mapping, says `ready`, and
+/// after a line on standard input (the daemon was killed and started again meanwhile)
+/// maps it again through the same descriptor and reports what it sees.
+const RESTART_PY: &str = r#"
+import json, mmap, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+size = os.fstat(fd).st_size
+m = mmap.mmap(fd, size)
+m[0:8] = b"before!!"
+m.close()
+print("ready", flush=True)
+sys.stdin.readline()
+out = {}
+try:
+    m = mmap.mmap(fd, size)
+    out["mark"] = m[0:8].decode()
+    m[8:16] = b"after!!!"
+    m.close()
+    out["fstat_size"] = os.fstat(fd).st_size
+except OSError as e:
+    out["errno"] = e.errno
+print(json.dumps(out), flush=True)
+"#;
+
+#[test]
+#[ignore = "needs root: mounts msharefs (FUSE), kills and restarts its daemon"]
+fn shim_reopens_a_region_after_a_daemon_restart() {
+    let what = "shim_reopens_a_region_after_a_daemon_restart";
+    if !require_privileged(what) || !require_tool("python3", what) {
+        return;
+    }
+    let _pool = PoolGuard::new();
+    let fs = msharefs_tests::mountguard::Msharefs::mount("shim-restart", &["--backing", "hugetlb"]);
+    let path = fs.path("r");
+    create_region(&path, 64 * MIB, mshare::Backing::Hugetlb);
+    let shim = format!("LD_PRELOAD={}", libs().preload().display());
+    let args = [
+        os(&shim),
+        os("python3"),
+        os("-c"),
+        os(RESTART_PY),
+        path.as_os_str(),
+    ];
+    let mut h = Helper::spawn("restart.py", Path::new("/usr/bin/env"), args).unwrap();
+    assert_eq!(h.read_line(LIMIT).unwrap(), "ready");
+    fs.kill9();
+    fs.start();
+    h.write_line("go").unwrap();
+    let v = h.read_json(LIMIT).unwrap();
+    h.finish(LIMIT).unwrap();
+    loud(&format!("{what}: {v}"));
+    assert_eq!(v["mark"], "before!!", "{v}");
+    assert_eq!(num(&v, "fstat_size"), 64 * MIB, "{v}");
+    let mut buf = [0u8; 16];
+    std::os::unix::fs::FileExt::read_exact_at(&std::fs::File::open(&path).unwrap(), &mut buf, 0)
+        .unwrap();
+    assert_eq!(&buf, b"before!!after!!!");
+}

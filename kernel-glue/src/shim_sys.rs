@@ -156,6 +156,56 @@ pub fn ftruncate(fd: BorrowedFd<'_>, len: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// The path `/proc/self/fd/N` names for descriptor `fd` (`readlink(2)`), into `buf`
+/// with a NUL. Allocation-free.
+///
+/// # Errors
+/// The kernel's errno; `ENAMETOOLONG` when it does not fit.
+pub fn fd_path<'b>(fd: BorrowedFd<'_>, buf: &'b mut [u8]) -> io::Result<&'b CStr> {
+    let mut link = [0u8; 32];
+    let mut w = &mut link[..];
+    let _ = std::io::Write::write_fmt(&mut w, format_args!("/proc/self/fd/{}\0", fd.as_raw_fd()));
+    let link = CStr::from_bytes_until_nul(&link)
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: `link` is NUL-terminated; readlink writes at most `buf.len() - 1` bytes into
+    // our buffer.
+    let n = unsafe { libc::readlink(link.as_ptr(), buf.as_mut_ptr().cast(), buf.len() - 1) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let n = n as usize;
+    if n >= buf.len() - 1 {
+        return Err(io::Error::from_raw_os_error(libc::ENAMETOOLONG));
+    }
+    buf[n] = 0;
+    CStr::from_bytes_with_nul(&buf[..=n]).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+/// Reads up to `buf.len()` bytes of the file `path` (a `/proc` file) into `buf`; returns
+/// how many. Allocation-free.
+///
+/// # Errors
+/// The kernel's errno.
+pub fn read_file(path: &CStr, buf: &mut [u8]) -> io::Result<usize> {
+    let fd = openat(None, path, libc::O_RDONLY, 0)?;
+    let mut n = 0;
+    while n < buf.len() {
+        // SAFETY: the rest of our buffer, valid for its length.
+        let r = unsafe { libc::read(fd.as_raw_fd(), buf[n..].as_mut_ptr().cast(), buf.len() - n) };
+        match r {
+            0 => break,
+            r if r > 0 => n += r as usize,
+            _ => {
+                let e = io::Error::last_os_error();
+                if e.raw_os_error() != Some(libc::EINTR) {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(n)
+}
+
 /// Safe wrapper for `setxattr(2)` by path. Allocation-free, unlike
 /// `kernel_glue::fd::setxattr`.
 ///

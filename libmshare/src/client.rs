@@ -229,6 +229,54 @@ pub fn attach(
     Ok(m)
 }
 
+/// Whether `e` is what a descriptor of a FUSE connection whose daemon is gone answers.
+pub fn is_dead_connection(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(ENOTCONN | ECONNABORTED))
+}
+
+/// Puts a new descriptor of the same region in place of `fd` (`dup3`, keeping its
+/// close-on-exec flag), opened again by path: for a descriptor of a daemon that was
+/// restarted (its connection is dead, the region is back on a new one). The kernel names
+/// such a descriptor by its path inside the old mount (`/proc/self/fd`), which is detached
+/// by then, so that path is tried below every msharefs mount in `/proc/self/mounts`; the
+/// region found must be the same (msharefs keeps inode numbers across restarts).
+///
+/// # Errors
+/// `ENOENT` when no mount has it; `ENOTCONN` while the daemon is still down; open errors.
+pub fn reopen_in_place(fd: BorrowedFd<'_>) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let mut buf = [0u8; PATH_MAX];
+    let inside = shim_sys::fd_path(fd, &mut buf)?.to_bytes();
+    let acc = kfd::fcntl_getfl(fd)? & consts::O_ACCMODE;
+    let old = kfd::fstat(fd)?.ino;
+    let mut mounts = [0u8; 16384];
+    let n = shim_sys::read_file(c"/proc/self/mounts", &mut mounts)?;
+    for line in mounts[..n].split(|&b| b == b'\n') {
+        let mut fields = line.split(|&b| b == b' ');
+        let (Some(source), Some(point), Some(fstype)) =
+            (fields.next(), fields.next(), fields.next())
+        else {
+            continue;
+        };
+        // msharefs mounts itself as `msharefs /mnt fuse` (or `fuse.msharefs`).
+        if source != b"msharefs" || !fstype.starts_with(b"fuse") {
+            continue;
+        }
+        let mut path = StackStr::<PATH_MAX>::new();
+        if path.push(point).and_then(|()| path.push(inside)).is_err() {
+            continue;
+        }
+        let Ok(new) = shim_sys::openat(None, path.as_cstr(), acc, 0) else {
+            continue;
+        };
+        if kfd::fstat(&new).is_ok_and(|st| st.ino == old) && info(new.as_fd()).is_ok() {
+            let cloexec = shim_sys::is_cloexec(fd)?;
+            return shim_sys::dup3(new.as_fd(), fd.as_raw_fd(), cloexec);
+        }
+    }
+    Err(kernel_glue::errno(ENOENT))
+}
+
 /// Runs `f` again while it fails with `EBUSY`, sleeping 2 ms between tries, at most 100
 /// times: msharefs refuses a backing change while the region is open, and FUSE delivers
 /// a close to the daemon asynchronously, so a region just created and closed can look

@@ -59,11 +59,6 @@ pub struct Region {
     writable: bool,
 }
 
-/// Whether `e` is what a descriptor of a FUSE connection whose daemon is gone answers.
-fn is_dead_connection(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(ENOTCONN | ECONNABORTED))
-}
-
 /// The `Open` of a region file on msharefs.
 fn msharefs_open(fd: OwnedFd) -> io::Result<Open> {
     let info = client::info(fd.as_fd())?;
@@ -233,7 +228,7 @@ impl Region {
     /// Whether `open`'s descriptor belongs to a FUSE connection whose daemon is gone.
     fn connection_lost(&self, open: &Open) -> bool {
         matches!(open.kind, Kind::Msharefs { .. })
-            && client::info(open.fd.as_fd()).is_err_and(|e| is_dead_connection(&e))
+            && client::info(open.fd.as_fd()).is_err_and(|e| client::is_dead_connection(&e))
     }
 
     /// Opens the region again by its path, unless another thread already did, and checks

@@ -61,8 +61,18 @@ pub fn map(
     fd: BorrowedFd<'_>,
     offset: i64,
 ) -> Result<Option<usize>, i32> {
-    let Some(info) = client::region_info(fd) else {
-        return Ok(None);
+    let info = match client::region_info(fd) {
+        Some(info) => info,
+        // A descriptor opened before the daemon was restarted: open the region again by
+        // its path, in place of the program's descriptor, and go on (as Region does).
+        None if dead_connection(fd) => {
+            client::reopen_in_place(fd).map_err(|e| kernel_glue::errno_of(&e))?;
+            match client::region_info(fd) {
+                Some(info) => info,
+                None => return Ok(None),
+            }
+        }
+        None => return Ok(None),
     };
     let private = flags & shim_sys::MAP_TYPE == shim_sys::MAP_PRIVATE;
     if private && info.kind == uapi::KIND_REGION {
@@ -81,6 +91,18 @@ pub fn map(
     } else {
         // A region of the mshare API: attached whole, as the kernel's mshare attaches.
         attach_whole(addr, len, prot, flags, fd, offset, &info)
+    }
+}
+
+/// Whether `fd` is a file of a FUSE connection whose daemon is gone.
+fn dead_connection(fd: BorrowedFd<'_>) -> bool {
+    match kernel_glue::fd::fstatfs(fd) {
+        // statfs of a dead FUSE connection fails so.
+        Err(e) => client::is_dead_connection(&e),
+        Ok(s) => {
+            s.fs_type == kernel_glue::FUSE_SUPER_MAGIC
+                && client::info(fd).is_err_and(|e| client::is_dead_connection(&e))
+        }
     }
 }
 
