@@ -149,8 +149,8 @@ pub struct BenchArgs {
     /// before a step could take the machine below it.
     #[arg(long, default_value_t = 3072)]
     reserve_mib: u64,
-    /// Hold an exclusive flock(2) on this file for the whole run (e.g. the lock the test
-    /// suite takes before it changes the huge-page pool, /run/msharefs/test-pool.lock).
+    /// Hold an exclusive flock(2) on this file for the whole run (e.g. the lock that test
+    /// runs take before they change the huge-page pool; see docs/BENCHMARKS.md).
     #[arg(long, value_name = "PATH")]
     lock: Option<PathBuf>,
     /// The msharefs binary to mount with [default: `msharefs` next to this program].
