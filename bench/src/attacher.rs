@@ -108,7 +108,8 @@ fn missing_path() -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, "--path is required")
 }
 
-fn unix_ns() -> u64 {
+/// Nanoseconds since the epoch (`CLOCK_REALTIME`): comparable between processes.
+pub fn unix_ns() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64)

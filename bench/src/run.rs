@@ -433,13 +433,18 @@ pub fn report_limit(size: u64) -> Duration {
 /// (PTE pages for 4 KiB pages, PMD pages, its own process), plus slack, to keep the memory
 /// guard ahead.
 fn pt_estimate(page_size: u64, size: u64, control: u64) -> u64 {
-    let gibs = size.div_ceil(GIB);
+    mapping_tables(page_size, size) + 4096 * size.div_ceil(GIB) + control + (16 << 20)
+}
+
+/// Page tables one attacher's mapping of `size` bytes with `page_size` pages builds: a PTE
+/// page per 2 MiB for 4 KiB pages, a PMD page per GiB, rounded up.
+pub fn mapping_tables(page_size: u64, size: u64) -> u64 {
     let ptes = if page_size < kernel_glue::HUGE_PAGE_SIZE {
-        size / 512
+        size.div_ceil(kernel_glue::HUGE_PAGE_SIZE) * kernel_glue::PAGE_SIZE
     } else {
         0
     };
-    ptes + 2 * 4096 * gibs + control + (16 << 20)
+    ptes + size.div_ceil(GIB) * kernel_glue::PAGE_SIZE
 }
 
 /// The per-process page tables of the attacher processes themselves: N control processes
@@ -997,6 +1002,15 @@ fn measure(args: &BenchArgs, opts: &Opts) -> io::Result<Report> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn page_table_estimate_follows_the_geometry() {
+        // 4 KiB pages: a 4 KiB PTE page per 2 MiB plus a PMD page per GiB.
+        assert_eq!(mapping_tables(4096, 2 * GIB), (1024 + 2) * 4096);
+        // 2 MiB pages: a PMD page per GiB.
+        assert_eq!(mapping_tables(2 << 20, 2 * GIB), 2 * 4096);
+        assert_eq!(mapping_tables(2 << 20, 1), 4096);
+    }
 
     #[test]
     fn percentiles_are_nearest_rank() {

@@ -16,37 +16,22 @@
 //! not fit, the configuration's storm is skipped with a note, and the attachers started so
 //! far are killed before any was released.
 
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use crate::attacher::unix_ns;
 use crate::fleet::{Attacher, Fleet, Spec};
 use crate::report::StormResult;
-use crate::run::{BenchError, Config, GIB, Opts, Progress, median, mem_available, percentile};
+use crate::run::{
+    BenchError, Config, Opts, Progress, mapping_tables, median, mem_available, percentile,
+};
 use crate::setup::{self, WorkDir};
 
 /// Memory each attacher process may take beyond its page tables and that the guard has
 /// not seen yet when it decides (its stack, heap and the kernel's structures grow a little
 /// after the ready report).
 const PROCESS_SLACK: u64 = 1 << 20;
-
-/// Page tables one attacher's mapping of `size` bytes with `page_size` pages builds: a PTE
-/// page per 2 MiB for 4 KiB pages, a PMD page per GiB, rounded up.
-fn mapping_tables(page_size: u64, size: u64) -> u64 {
-    let gibs = size.div_ceil(GIB);
-    let ptes = if page_size < kernel_glue::HUGE_PAGE_SIZE {
-        size.div_ceil(kernel_glue::HUGE_PAGE_SIZE) * kernel_glue::PAGE_SIZE
-    } else {
-        0
-    };
-    ptes + gibs * kernel_glue::PAGE_SIZE
-}
-
-fn unix_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
-}
 
 fn skipped(config: Config, n: usize, size_gib: u64, note: String) -> StormResult {
     StormResult {
@@ -178,18 +163,17 @@ pub fn run(
 
     let ns = |v: &Value, k: &str| v[k].as_u64().unwrap_or(0);
     let finished = reports.len();
-    let wall_ms = reports
-        .iter()
-        .map(|v| ns(v, "done_unix_ns").saturating_sub(released_ns))
-        .max()
-        .unwrap_or(0) as f64
-        / 1e6;
-    let last_start_ms = reports
-        .iter()
-        .map(|v| ns(v, "start_unix_ns").saturating_sub(released_ns))
-        .max()
-        .unwrap_or(0) as f64
-        / 1e6;
+    // The latest of a stamp over all attachers, in ms after the release.
+    let latest = |k: &str| {
+        reports
+            .iter()
+            .map(|v| ns(v, k).saturating_sub(released_ns))
+            .max()
+            .unwrap_or(0) as f64
+            / 1e6
+    };
+    let wall_ms = latest("done_unix_ns");
+    let last_start_ms = latest("start_unix_ns");
     let faults: Vec<f64> = reports
         .iter()
         .map(|v| v["faults"].as_f64().unwrap_or(0.0))
@@ -218,18 +202,4 @@ pub fn run(
         ready_secs,
         note: notes.join("; "),
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn page_table_estimate_follows_the_geometry() {
-        // 4 KiB pages: a 4 KiB PTE page per 2 MiB plus a PMD page per GiB.
-        assert_eq!(mapping_tables(4096, 2 * GIB), (1024 + 2) * 4096);
-        // 2 MiB pages: a PMD page per GiB.
-        assert_eq!(mapping_tables(2 << 20, 2 * GIB), 2 * 4096);
-        assert_eq!(mapping_tables(2 << 20, 1), 4096);
-    }
 }
