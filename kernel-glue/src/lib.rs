@@ -8,7 +8,6 @@
 //! Errors keep the kernel's errno: every wrapper returns `io::Error::last_os_error()` (or
 //! an `io::Error` built from a raw errno), never a rebuilt error that loses it.
 
-pub mod bench_sys;
 pub mod caps;
 pub mod cgroup;
 pub mod fd;

@@ -1,5 +1,6 @@
 //! Measurement from the kernel: `/proc/meminfo`, `/proc/PID/status`, `/proc/PID/smaps`,
-//! `/proc/*/maps`, PSI and `getrusage`.
+//! `/proc/*/maps`, PSI, `/proc/loadavg`, `getrusage`, and `vm.stat_refresh` (which makes
+//! `/proc/meminfo` exact).
 
 use std::io;
 use std::mem::MaybeUninit;
@@ -292,6 +293,38 @@ pub fn faults() -> io::Result<Faults> {
     })
 }
 
+/// Writes `/proc/sys/vm/stat_refresh`: the kernel folds every CPU's pending deltas of the
+/// memory counters into their global totals. Without it `/proc/meminfo` lags by up to the
+/// per-CPU threshold times the number of CPUs (here about 36 pages per CPU), which hides
+/// the few page-table pages a hugetlb mapping costs. Needs root.
+///
+/// # Errors
+/// The kernel's errno (`EACCES`/`EPERM` without root). `EINVAL`, which the kernel returns
+/// after folding when some counter is transiently negative, is not an error.
+pub fn vm_stat_refresh() -> io::Result<()> {
+    match std::fs::write("/proc/sys/vm/stat_refresh", b"1\n") {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(()),
+        other => other,
+    }
+}
+
+/// The 1, 5 and 15 minute load averages from `/proc/loadavg`.
+///
+/// # Errors
+/// Reading the file; `EIO` when it cannot be parsed.
+pub fn loadavg() -> io::Result<[f64; 3]> {
+    let t = std::fs::read_to_string("/proc/loadavg")?;
+    let mut it = t.split_ascii_whitespace().map(|w| w.parse::<f64>());
+    let mut out = [0.0; 3];
+    for v in &mut out {
+        *v = it
+            .next()
+            .and_then(Result::ok)
+            .ok_or_else(|| crate::errno(libc::EIO))?;
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -309,6 +342,7 @@ mod tests {
         );
         assert!(kernel_page_size(me, 0).is_err());
         memory_pressure().unwrap();
+        assert!(loadavg().unwrap().iter().all(|v| *v >= 0.0));
         let f0 = faults().unwrap();
         let v = vec![1u8; 64 << 20];
         let f1 = faults().unwrap();

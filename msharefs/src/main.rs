@@ -20,7 +20,6 @@
 
 mod attach;
 mod backing;
-mod bench;
 mod daemon;
 mod fs;
 mod fuse;
@@ -128,12 +127,6 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Measure page-table memory, faults, attach time and bandwidth of msharefs against
-    /// plain shared memory, side by side (see docs/BENCHMARKS.md).
-    Bench(bench::BenchArgs),
-    /// One attacher process of `msharefs bench` (internal).
-    #[command(name = "bench-attacher", hide = true)]
-    BenchAttacher(bench::AttacherArgs),
 }
 
 fn init_logging(level: log::LevelFilter) {
@@ -311,8 +304,6 @@ fn main() -> ExitCode {
         })(),
         Cmd::Umount { mountpoint, purge } => daemon::umount(&mountpoint, purge),
         Cmd::Stat { mountpoint, json } => stat(&mountpoint, json),
-        Cmd::Bench(args) => bench::run(args),
-        Cmd::BenchAttacher(args) => bench::attacher::run(args),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

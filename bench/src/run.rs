@@ -1,8 +1,9 @@
-//! `msharefs bench`: the evidence, side by side, in one run (DESIGN.md, "What we measure").
+//! The run: its order, the memory guard, the time budget, and clean-up on errors and
+//! signals (docs/BENCHMARKS.md, "What is measured, exactly").
 //!
-//! For N attacher processes of a G GiB region, for each configuration
-//! ([`Config`]: plain 4 KiB shmem, plain hugetlb at kernel-chosen addresses, THP tmpfs,
-//! msharefs hugetlb through libmshare), it measures:
+//! For N attacher processes of a G GiB region, for each configuration ([`Config`]: plain
+//! 4 KiB shmem, plain hugetlb at kernel-chosen addresses, THP tmpfs, msharefs hugetlb
+//! through libmshare, and the `limit` reference), it measures:
 //!
 //! - **page-table bytes per attacher per GiB**: `PageTables` of `/proc/meminfo` (after
 //!   `vm.stat_refresh`) with all N attachers attached and every page touched, minus
@@ -22,25 +23,21 @@
 //!   attacher over the best of S sweeps of an anonymous `MAP_HUGETLB` mapping of the same
 //!   size in another process, the two alternating sweep by sweep.
 //!
+//! `limit` is the floor of attach+touch: an attacher that holds the region's hugetlb
+//! backing already (asked of the daemon once, before its clock starts) maps it at a
+//! 1 GiB-aligned address and touches it. With `--storm N` the run measures storms instead
+//! (module `storm`).
+//!
 //! Safety of the machine: before each attacher the memory guard checks that `MemAvailable`
 //! stays above `--reserve-mib` plus what the attacher will need, and stops adding
 //! attachers otherwise (recorded as `attachers_measured` and a note); a time budget does
 //! the same. Every resource is a guard released on any exit, including SIGINT, SIGTERM and
-//! SIGHUP, which set a flag every wait checks.
-//!
-//! Layout: `attacher` (the hidden `bench-attacher` process), `fleet` (starting attachers
-//! and talking to them), `setup` (each configuration's memory and the bench's own mounts),
-//! `report` (table, JSON, CSV, SVG). This module owns the run: its order, the memory
-//! guard, the time budget and clean-up on errors and signals. It may not change anything
-//! of the daemon: msharefs is driven through its CLI and libmshare, as a user would.
-
-pub mod attacher;
-mod fleet;
-mod report;
-mod setup;
+//! SIGHUP, which set a flag every wait checks. msharefs is driven through its command line
+//! and libmshare, as a user would; nothing here knows the daemon's insides or the test
+//! harness.
 
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
@@ -48,17 +45,13 @@ use std::time::{Duration, Instant};
 use clap::{Args, ValueEnum};
 use kernel_glue::procfs;
 
-use attacher::AttachKind;
-pub use attacher::AttacherArgs;
-use fleet::{Attacher, Fleet, Spec};
-use report::{ConfigResult, Report};
-use setup::{Target, WorkDir};
+use crate::attacher::AttachKind;
+use crate::fleet::{Attacher, Fleet, Spec};
+use crate::report::{ConfigResult, Report};
+use crate::setup::{self, Target, WorkDir};
+use crate::storm;
 
-/// Lock file held by test runs that change the huge-page pool; the bench holds it too, so
-/// neither sees the other's pool changes.
-const TEST_POOL_LOCK: &str = "/run/msharefs/test-pool.lock";
-
-const GIB: u64 = 1 << 30;
+pub const GIB: u64 = 1 << 30;
 
 /// The configurations, in the order they run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, ValueEnum)]
@@ -75,14 +68,19 @@ pub enum Config {
     /// A region on msharefs (hugetlb backing) attached through libmshare.
     #[value(name = "msharefs-hugetlb")]
     MsharefsHugetlb,
+    /// The floor: the msharefs region's hugetlb backing, held already (asked of the
+    /// daemon once, before the clock starts), mapped 1 GiB-aligned.
+    #[value(name = "limit")]
+    Limit,
 }
 
 /// All configurations.
-pub const ALL_CONFIGS: [Config; 4] = [
+pub const ALL_CONFIGS: [Config; 5] = [
     Config::Shmem4k,
     Config::HugetlbKernelPlaced,
     Config::Thp,
     Config::MsharefsHugetlb,
+    Config::Limit,
 ];
 
 impl Config {
@@ -93,11 +91,12 @@ impl Config {
             Config::HugetlbKernelPlaced => "hugetlb-kernel-placed",
             Config::Thp => "thp",
             Config::MsharefsHugetlb => "msharefs-hugetlb",
+            Config::Limit => "limit",
         }
     }
 }
 
-/// Arguments of `msharefs bench`.
+/// Arguments of `msharefs-bench`.
 #[derive(Debug, Args)]
 pub struct BenchArgs {
     /// Attacher processes per configuration [default: 64; with --quick: 4].
@@ -115,9 +114,14 @@ pub struct BenchArgs {
     /// Write a chart of the results (SVG) to this file.
     #[arg(long)]
     plot: Option<PathBuf>,
-    /// A small, fast run (4 attachers of 1 GiB, 2 rounds): checks that the benchmark works.
+    /// A small, fast run (4 attachers of 1 GiB, 2 rounds; with --storm: 1 GiB): checks
+    /// that the benchmark works.
     #[arg(long)]
     quick: bool,
+    /// Storm mode: N attachers per configuration are started and made ready first, then
+    /// released at once; measures the wall time until all have touched their region.
+    #[arg(long, value_name = "N")]
+    storm: Option<usize>,
     /// Configurations to run, comma-separated [default: all].
     #[arg(long, value_enum, value_delimiter = ',')]
     configs: Vec<Config>,
@@ -145,9 +149,13 @@ pub struct BenchArgs {
     /// before a step could take the machine below it.
     #[arg(long, default_value_t = 3072)]
     reserve_mib: u64,
-    /// Do not take /run/msharefs/test-pool.lock (the caller holds it, as the CI test does).
-    #[arg(long)]
-    no_pool_lock: bool,
+    /// Hold an exclusive flock(2) on this file for the whole run (e.g. the lock that test
+    /// runs take before they change the huge-page pool; see docs/BENCHMARKS.md).
+    #[arg(long, value_name = "PATH")]
+    lock: Option<PathBuf>,
+    /// The msharefs binary to mount with [default: `msharefs` next to this program].
+    #[arg(long, value_name = "PATH")]
+    msharefs: Option<PathBuf>,
     /// Measure nothing: read the results of an earlier run from this JSON file and print
     /// the table and write --csv / --plot from them.
     #[arg(long, value_name = "FILE")]
@@ -156,17 +164,19 @@ pub struct BenchArgs {
 
 /// Validated settings of one run.
 #[derive(Debug, Clone)]
-struct Opts {
-    attachers: usize,
-    size_gib: u64,
-    configs: Vec<Config>,
-    touch_stride: Option<u64>,
+pub struct Opts {
+    pub attachers: usize,
+    pub size_gib: u64,
+    pub configs: Vec<Config>,
+    pub touch_stride: Option<u64>,
     rounds: usize,
     sweeps: u32,
     timed: usize,
-    max_secs_per_config: u64,
-    reserve: u64,
-    command: String,
+    pub max_secs_per_config: u64,
+    pub reserve: u64,
+    pub storm: Option<usize>,
+    pub msharefs: PathBuf,
+    pub command: String,
 }
 
 impl Opts {
@@ -204,13 +214,27 @@ impl Opts {
                 )));
             }
         }
+        if let Some(n) = a.storm {
+            if !(1..=4096).contains(&n) {
+                return Err(bad(format!("--storm {n}: must be between 1 and 4096")));
+            }
+        }
+        let msharefs = match &a.msharefs {
+            Some(p) => p.clone(),
+            None => std::env::current_exe()
+                .ok()
+                .and_then(|e| e.parent().map(|d| d.join("msharefs")))
+                .ok_or_else(|| {
+                    bad("cannot locate this program; name msharefs with --msharefs".into())
+                })?,
+        };
         let mut configs = Vec::new();
         for c in ALL_CONFIGS {
             if a.configs.is_empty() || a.configs.contains(&c) {
                 configs.push(c);
             }
         }
-        let command = std::iter::once("msharefs".to_string())
+        let command = std::iter::once("msharefs-bench".to_string())
             .chain(std::env::args().skip(1))
             .collect::<Vec<_>>()
             .join(" ");
@@ -224,11 +248,13 @@ impl Opts {
             timed: a.timed.max(1),
             max_secs_per_config: a.max_secs_per_config,
             reserve: a.reserve_mib.saturating_mul(1 << 20),
+            storm: a.storm,
+            msharefs,
             command,
         })
     }
 
-    fn size(&self) -> u64 {
+    pub fn size(&self) -> u64 {
         self.size_gib * GIB
     }
 }
@@ -280,7 +306,7 @@ pub enum BenchError {
 }
 
 impl BenchError {
-    fn setup(step: &'static str, source: io::Error) -> BenchError {
+    pub fn setup(step: &'static str, source: io::Error) -> BenchError {
         BenchError::Setup { step, source }
     }
 }
@@ -294,7 +320,7 @@ pub struct Progress {
 }
 
 impl Progress {
-    fn new() -> Progress {
+    pub fn new() -> Progress {
         Progress {
             start: Instant::now(),
             last: None,
@@ -324,9 +350,9 @@ impl Progress {
 
 /// A `PageTables` sample and whether it had settled.
 #[derive(Debug, Clone, Copy)]
-struct PtSample {
-    bytes: u64,
-    settled: bool,
+pub struct PtSample {
+    pub bytes: u64,
+    pub settled: bool,
 }
 
 /// `PageTables` once it has stopped moving. Each sample first folds the per-CPU counter
@@ -334,9 +360,9 @@ struct PtSample {
 /// page tables are accounted after an RCU grace period, and other processes come and go.
 /// Returns the first value seen three times in a row 10 ms apart; after 1.5 s without
 /// that, the last value, marked as not settled.
-fn settled_page_tables() -> Result<PtSample, BenchError> {
+pub fn settled_page_tables() -> Result<PtSample, BenchError> {
     let read = || {
-        kernel_glue::bench_sys::vm_stat_refresh()
+        procfs::vm_stat_refresh()
             .map_err(|e| BenchError::setup("write /proc/sys/vm/stat_refresh", e))?;
         procfs::meminfo()
             .map(|m| m.page_tables)
@@ -375,19 +401,19 @@ const WINDOWS: usize = 5;
 /// Re-attaching all attachers of a round is cheap when starting them took less than this.
 const CHEAP_ROUND: Duration = Duration::from_secs(10);
 
-fn mem_available() -> Result<u64, BenchError> {
+pub fn mem_available() -> Result<u64, BenchError> {
     procfs::meminfo()
         .map(|m| m.mem_available)
         .map_err(|e| BenchError::setup("read /proc/meminfo", e))
 }
 
 /// Median of `v` (0 for none).
-fn median(v: &[f64]) -> f64 {
+pub fn median(v: &[f64]) -> f64 {
     percentile(v, 50.0)
 }
 
 /// Nearest-rank percentile of `v` (0 for none).
-fn percentile(v: &[f64], pct: f64) -> f64 {
+pub fn percentile(v: &[f64], pct: f64) -> f64 {
     if v.is_empty() {
         return 0.0;
     }
@@ -399,7 +425,7 @@ fn percentile(v: &[f64], pct: f64) -> f64 {
 
 /// Time limit for one attacher's report: touching 4 KiB pages runs at about 0.3 s per
 /// GiB here; allow for a much slower machine.
-fn report_limit(size: u64) -> Duration {
+pub fn report_limit(size: u64) -> Duration {
     Duration::from_secs(120 + 20 * size.div_ceil(GIB))
 }
 
@@ -407,13 +433,18 @@ fn report_limit(size: u64) -> Duration {
 /// (PTE pages for 4 KiB pages, PMD pages, its own process), plus slack, to keep the memory
 /// guard ahead.
 fn pt_estimate(page_size: u64, size: u64, control: u64) -> u64 {
-    let gibs = size.div_ceil(GIB);
+    mapping_tables(page_size, size) + 4096 * size.div_ceil(GIB) + control + (16 << 20)
+}
+
+/// Page tables one attacher's mapping of `size` bytes with `page_size` pages builds: a PTE
+/// page per 2 MiB for 4 KiB pages, a PMD page per GiB, rounded up.
+pub fn mapping_tables(page_size: u64, size: u64) -> u64 {
     let ptes = if page_size < kernel_glue::HUGE_PAGE_SIZE {
-        size / 512
+        size.div_ceil(kernel_glue::HUGE_PAGE_SIZE) * kernel_glue::PAGE_SIZE
     } else {
         0
     };
-    ptes + 2 * 4096 * gibs + control + (16 << 20)
+    ptes + size.div_ceil(GIB) * kernel_glue::PAGE_SIZE
 }
 
 /// The per-process page tables of the attacher processes themselves: N control processes
@@ -712,7 +743,8 @@ fn run_config(
         config.name(),
         opts.size_gib
     ));
-    let target: Target = setup::prepare(config, size, opts.reserve, work, fleet, p)?;
+    let target: Target =
+        setup::prepare(config, size, opts.reserve, work, &opts.msharefs, fleet, p)?;
     let stride = opts.touch_stride.unwrap_or(setup::page_size(config));
     let spec = Spec {
         kind: target.kind,
@@ -828,23 +860,33 @@ fn bench(
     p: &mut Progress,
 ) -> Result<Report, BenchError> {
     let started = Instant::now();
-    let load_at_start = kernel_glue::bench_sys::loadavg().map_or(0.0, |l| l[0]);
+    let load_at_start = procfs::loadavg().map_or(0.0, |l| l[0]);
     let pool_before = kernel_glue::hugepages::nr_hugepages()
         .map_err(|e| BenchError::setup("read vm.nr_hugepages", e.into()))?;
-    p.line(format!(
-        "msharefs bench: {} attachers x {} GiB; configurations: {}",
-        opts.attachers,
-        opts.size_gib,
-        opts.configs
-            .iter()
-            .map(|c| c.name())
-            .collect::<Vec<_>>()
-            .join(", ")
-    ));
-    let control = control_run(opts, fleet, p)?;
-    let mut results = Vec::new();
-    for &c in &opts.configs {
-        results.push(run_config(opts, c, control, work, fleet, p)?);
+    let names = opts
+        .configs
+        .iter()
+        .map(|c| c.name())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let (mut results, mut storms, mut control) = (Vec::new(), Vec::new(), 0.0);
+    if let Some(n) = opts.storm {
+        p.line(format!(
+            "msharefs-bench --storm: {n} attachers x {} GiB, released at once; configurations: {names}",
+            opts.size_gib
+        ));
+        for &c in &opts.configs {
+            storms.push(storm::run(opts, n, c, work, fleet, p)?);
+        }
+    } else {
+        p.line(format!(
+            "msharefs-bench: {} attachers x {} GiB; configurations: {names}",
+            opts.attachers, opts.size_gib
+        ));
+        control = control_run(opts, fleet, p)?;
+        for &c in &opts.configs {
+            results.push(run_config(opts, c, control, work, fleet, p)?);
+        }
     }
     let pool_after = kernel_glue::hugepages::nr_hugepages()
         .map_err(|e| BenchError::setup("read vm.nr_hugepages", e.into()))?;
@@ -855,17 +897,18 @@ fn bench(
         ));
     }
     Ok(Report::new(
-        opts.attachers,
+        opts.storm.unwrap_or(opts.attachers),
         opts.size_gib,
         opts.command.clone(),
         results,
+        storms,
         control,
         load_at_start,
         started.elapsed().as_secs_f64(),
     ))
 }
 
-/// Runs `msharefs bench`.
+/// Runs the bench.
 ///
 /// # Errors
 /// A bad argument, a failed step or an interrupt, after cleaning up.
@@ -904,12 +947,24 @@ pub fn run(args: BenchArgs) -> io::Result<()> {
     Ok(())
 }
 
+/// An exclusive lock on `path`, named in the error.
+fn lock(path: &Path) -> io::Result<kernel_glue::fd::FileLock> {
+    kernel_glue::fd::FileLock::exclusive(path)
+        .map_err(|e| io::Error::new(e.kind(), format!("--lock {}: {e}", path.display())))
+}
+
 /// The measuring part of [`run`]: set-up, signals, the pool lock, the run, clean-up.
 fn measure(args: &BenchArgs, opts: &Opts) -> io::Result<Report> {
     if kernel_glue::process::geteuid() != 0 {
         return Err(io::Error::other(
-            "msharefs bench needs root (mounts, huge-page pool)",
+            "msharefs-bench needs root (mounts, huge-page pool)",
         ));
+    }
+    if !opts.msharefs.is_file() {
+        return Err(io::Error::other(format!(
+            "{}: no msharefs binary there; name it with --msharefs",
+            opts.msharefs.display()
+        )));
     }
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [
@@ -920,15 +975,15 @@ fn measure(args: &BenchArgs, opts: &Opts) -> io::Result<Report> {
         signal_hook::flag::register(sig, stop.clone())?;
     }
     let mut p = Progress::new();
-    let _lock = if args.no_pool_lock {
-        None
-    } else {
-        p.line(format!(
-            "taking {TEST_POOL_LOCK} (waits while a test run changes the huge-page pool)"
-        ));
-        Some(kernel_glue::fd::FileLock::exclusive(std::path::Path::new(
-            TEST_POOL_LOCK,
-        ))?)
+    let _lock = match &args.lock {
+        Some(path) => {
+            p.line(format!(
+                "taking {} (waits while another holds it)",
+                path.display()
+            ));
+            Some(lock(path)?)
+        }
+        None => None,
     };
     let work = WorkDir::create()?;
     let mut fleet = Fleet::new(stop.clone())?;
@@ -949,6 +1004,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn page_table_estimate_follows_the_geometry() {
+        // 4 KiB pages: a 4 KiB PTE page per 2 MiB plus a PMD page per GiB.
+        assert_eq!(mapping_tables(4096, 2 * GIB), (1024 + 2) * 4096);
+        // 2 MiB pages: a PMD page per GiB.
+        assert_eq!(mapping_tables(2 << 20, 2 * GIB), 2 * 4096);
+        assert_eq!(mapping_tables(2 << 20, 1), 4096);
+    }
+
+    #[test]
     fn percentiles_are_nearest_rank() {
         let v: Vec<f64> = (1..=100).map(f64::from).collect();
         assert_eq!(median(&v), 50.0);
@@ -967,6 +1031,7 @@ mod tests {
             csv: None,
             plot: None,
             quick: true,
+            storm: None,
             configs: vec![],
             touch_stride: None,
             rounds: None,
@@ -974,11 +1039,15 @@ mod tests {
             timed: 64,
             max_secs_per_config: 600,
             reserve_mib: 3072,
-            no_pool_lock: false,
+            lock: None,
+            msharefs: Some("/bin/true".into()),
             from_json: None,
         };
         let o = Opts::from_args(&base()).unwrap();
-        assert_eq!((o.attachers, o.size_gib, o.configs.len()), (4, 1, 4));
+        assert_eq!((o.attachers, o.size_gib, o.configs.len()), (4, 1, 5));
+        let mut a = base();
+        a.storm = Some(0);
+        assert!(matches!(Opts::from_args(&a), Err(BenchError::Usage(_))));
         let mut a = base();
         a.attachers = Some(0);
         assert!(matches!(Opts::from_args(&a), Err(BenchError::Usage(_))));

@@ -1,4 +1,4 @@
-//! One attacher process of `msharefs bench` (the hidden `msharefs bench-attacher`
+//! One attacher process of `msharefs-bench` (the hidden `msharefs-bench attacher`
 //! subcommand): maps the region the way its configuration says, touches every page, and
 //! reports what that cost, then obeys commands on standard input until it closes.
 //!
@@ -7,30 +7,40 @@
 //! datagram), tagged with the attacher's `id`:
 //!
 //! - at start: `{"id", "ok": true, "ns", "open_ns", "map_ns", "touch_ns", "faults",
-//!   "touched", "addr", "page_size", "pmd_mapped", "vm_pte_delta"}`: `ns` from just before
-//!   open/attach to just after the last touch (split into its three steps), `faults` the
-//!   minor faults of the touch loop alone (`getrusage`);
+//!   "touched", "addr", "page_size", "pmd_mapped", "vm_pte_delta", "start_unix_ns",
+//!   "done_unix_ns"}`: `ns` from just before open/attach to just after the last touch
+//!   (split into its three steps), `faults` the minor faults of the touch loop alone
+//!   (`getrusage`), the two wall-clock stamps (`CLOCK_REALTIME`, comparable between
+//!   processes) of the same two moments;
 //! - `sweep N` → `{"id", "ok": true, "sweep_gbps", "checksum"}`: the best of N read+write
 //!   sweeps of the whole mapping, in GB/s of memory traffic (bytes read plus bytes written);
 //! - `detach` → `{"id", "ok": true, "detached": true}` once the mapping is gone;
 //! - `attach` (after `detach`) → attaches and touches again, with the first report's fields;
 //! - end of input: exit 0.
 //!
+//! With `--storm`, standard input is the storm's gate instead, a pipe all attachers share:
+//! the attacher gets ready (everything before the open: for `limit`, the backing), reports
+//! `{"id", "ok": true, "ready": true}`, waits for the end of its input (the bench closes
+//! the pipe's only write end: every attacher wakes at once), attaches and touches, reports
+//! as above, and then stays attached until the bench kills it.
+//!
 //! Any failure is reported as `{"id", "ok": false, "error", "errno"}` and exits non-zero.
 //! The process dies with its parent (`PR_SET_PDEATHSIG`), so an interrupted bench leaves
 //! no attacher behind.
 
 use std::fs::File;
-use std::io::{self, BufRead, Write};
-use std::os::fd::AsFd;
-use std::path::PathBuf;
-use std::time::Instant;
+use std::io::{self, BufRead, Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::time::{Instant, SystemTime};
 
 use clap::{Args, ValueEnum};
-use kernel_glue::mapping::{Mapping, Protection};
-use kernel_glue::{bench_sys, consts, fd as kfd, procfs};
-use mshare::{Attachment, Region};
+use kernel_glue::mapping::Protection;
+use kernel_glue::{consts, errnos, fd as kfd, procfs};
+use mshare::Region;
 use serde_json::{Value, json};
+
+use crate::mem::{self, Held};
 
 /// How an attacher gets at the memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -41,11 +51,14 @@ pub enum AttachKind {
     Mmap,
     /// Opens the msharefs region `--path` and attaches it through libmshare.
     Libmshare,
+    /// Holds the hugetlb backing of the msharefs region `--path` (asked for once, before
+    /// anything is timed) and maps it at a 1 GiB-aligned address: the floor of attach.
+    Limit,
     /// Maps `--size` bytes of anonymous private hugetlb memory (the bandwidth reference).
     AnonHugetlb,
 }
 
-/// Arguments of `msharefs bench-attacher` (started by `msharefs bench` only).
+/// Arguments of `msharefs-bench attacher` (started by the bench only).
 #[derive(Debug, Args)]
 pub struct AttacherArgs {
     /// Pid of the bench that started this process; it exits when that process is gone.
@@ -57,10 +70,10 @@ pub struct AttacherArgs {
     /// What to map.
     #[arg(long, value_enum)]
     kind: AttachKind,
-    /// File to open (mmap, libmshare).
+    /// File to open (mmap, libmshare, limit).
     #[arg(long)]
     path: Option<PathBuf>,
-    /// Bytes to map (mmap, anon-hugetlb).
+    /// Bytes to map (mmap, limit, anon-hugetlb).
     #[arg(long, default_value_t = 0)]
     size: u64,
     /// Bytes between touches.
@@ -70,23 +83,10 @@ pub struct AttacherArgs {
     /// tables, built faster; the faults are not counted by `getrusage`).
     #[arg(long)]
     populate: bool,
-}
-
-/// What the process holds; dropping it detaches.
-enum Held {
-    Nothing,
-    Mapping(Mapping),
-    Attachment(Attachment),
-}
-
-impl Held {
-    fn mapping(&self) -> Option<&Mapping> {
-        match self {
-            Held::Nothing => None,
-            Held::Mapping(m) => Some(m),
-            Held::Attachment(a) => Some(a.mapping()),
-        }
-    }
+    /// Storm mode: report ready, wait for the end of standard input, attach and touch,
+    /// report, stay attached until killed.
+    #[arg(long)]
+    storm: bool,
 }
 
 /// Writes one report line with one `write(2)`.
@@ -108,8 +108,39 @@ fn missing_path() -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, "--path is required")
 }
 
+/// Nanoseconds since the epoch (`CLOCK_REALTIME`): comparable between processes.
+pub fn unix_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// The hugetlb backing of the msharefs region `path`, asked of its daemon once, the way
+/// libmshare asks for it at attach (the attach socket named by `MSHAREFS_GET_INFO`).
+fn hold_backing(path: &Path) -> io::Result<OwnedFd> {
+    let fd = kfd::open(path, consts::O_RDWR, 0)?;
+    let info = mshare::client::region_info(fd.as_fd())
+        .ok_or_else(|| kernel_glue::errno(errnos::ENODEV))?;
+    let socket = mshare::client::socket_path(&info)?;
+    mshare::client::request_backing(socket, fd.as_fd(), Protection::ReadWrite).map(|(b, _)| b)
+}
+
+/// What is prepared before anything is timed.
+struct Ready {
+    /// The `limit` configuration's backing.
+    backing: Option<OwnedFd>,
+}
+
+fn get_ready(args: &AttacherArgs) -> io::Result<Ready> {
+    let backing = match args.kind {
+        AttachKind::Limit => Some(hold_backing(args.path.as_ref().ok_or_else(missing_path)?)?),
+        _ => None,
+    };
+    Ok(Ready { backing })
+}
+
 /// Opens and maps; returns what is held and the time the open took (the rest is the map).
-fn attach(args: &AttacherArgs, started: Instant) -> io::Result<(Held, u64)> {
+fn attach(args: &AttacherArgs, ready: &Ready, started: Instant) -> io::Result<(Held, u64)> {
     let opened = |t: Instant| t.duration_since(started).as_nanos() as u64;
     Ok(match args.kind {
         AttachKind::Control => (Held::Nothing, 0),
@@ -117,52 +148,56 @@ fn attach(args: &AttacherArgs, started: Instant) -> io::Result<(Held, u64)> {
             let path = args.path.as_ref().ok_or_else(missing_path)?;
             let fd = kfd::open(path, consts::O_RDWR, 0)?;
             let open_ns = opened(Instant::now());
-            let m = bench_sys::mmap_shared(&fd, args.size, Protection::ReadWrite)?;
-            (Held::Mapping(m), open_ns)
+            (mem::map_shared(&fd, args.size)?, open_ns)
         }
         AttachKind::Libmshare => {
             let path = args.path.as_ref().ok_or_else(missing_path)?;
             let region = Region::open(path, consts::O_RDWR)?;
             let open_ns = opened(Instant::now());
             (
-                Held::Attachment(region.attach(Protection::ReadWrite)?),
+                mem::attachment(region.attach(Protection::ReadWrite)?)?,
                 open_ns,
             )
         }
-        AttachKind::AnonHugetlb => (
-            Held::Mapping(bench_sys::mmap_anonymous_hugetlb(args.size)?),
-            0,
-        ),
+        AttachKind::Limit => {
+            let backing = ready.backing.as_ref().ok_or_else(missing_path)?;
+            (
+                mem::map_aligned(backing, args.size, kernel_glue::PUD_SIZE)?,
+                0,
+            )
+        }
+        AttachKind::AnonHugetlb => (mem::map_anonymous_hugetlb(args.size)?, 0),
     })
 }
 
 /// Attaches and touches (or populates) every page, timing it; returns what is held and
 /// the report.
-fn attach_and_touch(args: &AttacherArgs) -> io::Result<(Held, Value)> {
+fn attach_and_touch(args: &AttacherArgs, ready: &Ready) -> io::Result<(Held, Value)> {
     let me = std::process::id();
     let pte0 = procfs::vm_pte(me)?;
+    let start_unix_ns = unix_ns();
     let started = Instant::now();
-    let (held, open_ns) = attach(args, started)?;
+    let (held, open_ns) = attach(args, ready, started)?;
     let mapped_ns = started.elapsed().as_nanos() as u64;
     let before = procfs::faults()?;
-    let touched = match held.mapping() {
-        Some(m) if args.populate => {
-            m.populate(0, m.len() as u64)?;
-            0
-        }
-        Some(m) => bench_sys::touch(m, args.stride)?,
-        None => 0,
+    let touched = if args.populate {
+        held.populate()?;
+        0
+    } else {
+        held.touch(args.stride)?
     };
     let after = procfs::faults()?;
     let ns = started.elapsed().as_nanos() as u64;
+    let done_unix_ns = unix_ns();
     let pte1 = procfs::vm_pte(me)?;
-    let (addr, page_size, pmd_mapped) = match held.mapping() {
-        Some(m) => (
-            m.addr(),
-            procfs::kernel_page_size(me, m.addr()).unwrap_or(0),
-            procfs::smaps_field(me, m.addr(), "ShmemPmdMapped").unwrap_or(0),
-        ),
-        None => (0, 0, 0),
+    let (addr, page_size, pmd_mapped) = if held.is_mapped() {
+        (
+            held.addr(),
+            procfs::kernel_page_size(me, held.addr()).unwrap_or(0),
+            procfs::smaps_field(me, held.addr(), "ShmemPmdMapped").unwrap_or(0),
+        )
+    } else {
+        (0, 0, 0)
     };
     let report = json!({
         "ok": true,
@@ -176,12 +211,31 @@ fn attach_and_touch(args: &AttacherArgs) -> io::Result<(Held, Value)> {
         "page_size": page_size,
         "pmd_mapped": pmd_mapped,
         "vm_pte_delta": pte1 as i64 - pte0 as i64,
+        "start_unix_ns": start_unix_ns,
+        "done_unix_ns": done_unix_ns,
     });
     Ok((held, report))
 }
 
+/// `--storm`: ready, wait for the gate, attach and touch, report, stay until killed.
+fn storm(args: &AttacherArgs, rep: &mut Reporter) -> io::Result<()> {
+    let ready = get_ready(args)?;
+    rep.send(json!({"ok": true, "ready": true}))?;
+    // The gate opens when the bench closes the pipe's write end: end of input.
+    let mut sink = [0u8; 64];
+    let mut stdin = io::stdin().lock();
+    while stdin.read(&mut sink)? > 0 {}
+    let (_held, report) = attach_and_touch(args, &ready)?;
+    rep.send(report)?;
+    // Stay attached, costing nothing, while the others finish: the bench kills us.
+    loop {
+        std::thread::park();
+    }
+}
+
 fn serve(args: &AttacherArgs, rep: &mut Reporter) -> io::Result<()> {
-    let (mut held, report) = attach_and_touch(args)?;
+    let ready = get_ready(args)?;
+    let (mut held, report) = attach_and_touch(args, &ready)?;
     rep.send(report)?;
 
     for line in io::stdin().lock().lines() {
@@ -190,15 +244,15 @@ fn serve(args: &AttacherArgs, rep: &mut Reporter) -> io::Result<()> {
         match (words.next(), words.next()) {
             (Some("sweep"), n) => {
                 let n: u32 = n.and_then(|n| n.parse().ok()).unwrap_or(1).max(1);
-                let m = held
-                    .mapping()
-                    .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no mapping"))?;
+                if !held.is_mapped() {
+                    return Err(io::Error::new(io::ErrorKind::InvalidInput, "no mapping"));
+                }
                 let (mut best, mut checksum) = (0f64, 0u64);
                 for _ in 0..n {
                     let t = Instant::now();
-                    checksum = checksum.wrapping_add(bench_sys::sweep(m)?);
+                    checksum = checksum.wrapping_add(held.sweep());
                     let secs = t.elapsed().as_secs_f64().max(1e-9);
-                    best = best.max(2.0 * m.len() as f64 / secs / 1e9);
+                    best = best.max(2.0 * held.len() as f64 / secs / 1e9);
                 }
                 rep.send(json!({"ok": true, "sweep_gbps": best, "checksum": checksum}))?;
             }
@@ -206,8 +260,8 @@ fn serve(args: &AttacherArgs, rep: &mut Reporter) -> io::Result<()> {
                 held = Held::Nothing;
                 rep.send(json!({"ok": true, "detached": true}))?;
             }
-            (Some("attach"), _) if held.mapping().is_none() => {
-                let (h, report) = attach_and_touch(args)?;
+            (Some("attach"), _) if !held.is_mapped() => {
+                let (h, report) = attach_and_touch(args, &ready)?;
                 held = h;
                 rep.send(report)?;
             }
@@ -237,7 +291,11 @@ pub fn run(args: AttacherArgs) -> io::Result<()> {
     }
     let out = File::from(io::stdout().as_fd().try_clone_to_owned()?);
     let mut rep = Reporter { out, id: args.id };
-    let r = serve(&args, &mut rep);
+    let r = if args.storm {
+        storm(&args, &mut rep)
+    } else {
+        serve(&args, &mut rep)
+    };
     if let Err(e) = &r {
         let _ = rep.send(json!({
             "ok": false,

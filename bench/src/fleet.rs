@@ -1,5 +1,5 @@
 //! The bench's side of its attacher processes: starting them (this same binary in the
-//! hidden `bench-attacher` mode), reading their reports, sending commands, and making sure
+//! hidden `attacher` mode), reading their reports, sending commands, and making sure
 //! none outlives the bench.
 //!
 //! All attachers write their report lines into one shared datagram socket (their standard
@@ -9,10 +9,10 @@
 //! counters it samples.
 
 use std::collections::{HashMap, VecDeque};
-use std::io::{self, Write};
+use std::io::{self, PipeReader, Write};
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixDatagram;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 use clap::ValueEnum;
 use serde_json::Value;
 
-use super::BenchError;
-use super::attacher::AttachKind;
+use crate::attacher::AttachKind;
+use crate::run::BenchError;
 
 /// What an attacher should map.
 #[derive(Debug, Clone)]
@@ -38,6 +38,32 @@ pub struct Spec {
     pub stride: u64,
     /// Populate instead of touching (see the attacher's `--populate`).
     pub populate: bool,
+}
+
+impl Spec {
+    /// The attacher's command line after the subcommand.
+    fn args(&self) -> Vec<std::ffi::OsString> {
+        let mut a: Vec<std::ffi::OsString> = vec![
+            "--kind".into(),
+            self.kind
+                .to_possible_value()
+                .map(|v| v.get_name().to_string())
+                .unwrap_or_default()
+                .into(),
+            "--size".into(),
+            self.size.to_string().into(),
+            "--stride".into(),
+            self.stride.to_string().into(),
+        ];
+        if let Some(p) = &self.path {
+            a.push("--path".into());
+            a.push(p.into());
+        }
+        if self.populate {
+            a.push("--populate".into());
+        }
+        a
+    }
 }
 
 /// A running attacher process; killed and reaped on drop.
@@ -94,7 +120,6 @@ const QUIT: &str = "quit";
 /// Starts attachers and reads their reports.
 #[derive(Debug)]
 pub struct Fleet {
-    exe: PathBuf,
     me: PathBuf,
     writer: UnixDatagram,
     lines: Receiver<(u64, Value)>,
@@ -110,7 +135,6 @@ impl Fleet {
     /// # Errors
     /// Creating the socket pair or the thread.
     pub fn new(stop: Arc<AtomicBool>) -> io::Result<Fleet> {
-        let exe = std::env::current_exe()?;
         // Attachers run this very binary through its /proc link, even if a rebuild has
         // replaced the file on disk meanwhile.
         let me = PathBuf::from(format!("/proc/{}/exe", std::process::id()));
@@ -138,7 +162,6 @@ impl Fleet {
                 }
             })?;
         Ok(Fleet {
-            exe,
             me,
             writer,
             lines,
@@ -165,51 +188,50 @@ impl Fleet {
         }
     }
 
-    /// The path of this binary (for `msharefs mount` and `umount`).
-    pub fn exe(&self) -> &Path {
-        &self.exe
-    }
-
     /// Starts one attacher. It begins mapping and touching at once; collect its report
     /// with [`Fleet::report`].
     ///
     /// # Errors
     /// [`BenchError::Spawn`].
     pub fn spawn(&mut self, spec: &Spec) -> Result<Attacher, BenchError> {
+        self.start(spec, None)
+    }
+
+    /// Starts one storm attacher whose standard input is `gate`, the read end of a pipe
+    /// shared by every attacher of the storm: it reports ready, then waits for the end of
+    /// that input before it attaches.
+    ///
+    /// # Errors
+    /// [`BenchError::Spawn`].
+    pub fn spawn_gated(&mut self, spec: &Spec, gate: &PipeReader) -> Result<Attacher, BenchError> {
+        let input = gate.try_clone().map_err(BenchError::Spawn)?;
+        self.start(spec, Some(input))
+    }
+
+    fn start(&mut self, spec: &Spec, gate: Option<PipeReader>) -> Result<Attacher, BenchError> {
         self.check()?;
         let id = self.next_id;
         self.next_id += 1;
         let mut cmd = Command::new(&self.me);
-        cmd.arg("--log-level")
-            .arg("warn")
-            .arg("bench-attacher")
+        cmd.arg("attacher")
             .arg("--parent")
             .arg(std::process::id().to_string())
             .arg("--id")
             .arg(id.to_string())
-            .arg("--kind")
-            .arg(
-                spec.kind
-                    .to_possible_value()
-                    .map(|v| v.get_name().to_string())
-                    .unwrap_or_default(),
-            )
-            .arg("--size")
-            .arg(spec.size.to_string())
-            .arg("--stride")
-            .arg(spec.stride.to_string());
-        if let Some(p) = &spec.path {
-            cmd.arg("--path").arg(p);
-        }
-        if spec.populate {
-            cmd.arg("--populate");
+            .args(spec.args());
+        let storm = gate.is_some();
+        match gate {
+            Some(g) => {
+                cmd.arg("--storm").stdin(Stdio::from(g));
+            }
+            None => {
+                cmd.stdin(Stdio::piped());
+            }
         }
         let out = OwnedFd::from(self.writer.try_clone().map_err(BenchError::Spawn)?);
-        cmd.stdin(Stdio::piped())
-            .stdout(Stdio::from(out))
-            .stderr(Stdio::inherit());
+        cmd.stdout(Stdio::from(out)).stderr(Stdio::inherit());
         let mut child = cmd.spawn().map_err(BenchError::Spawn)?;
-        let stdin = child.stdin.take();
+        let stdin = if storm { None } else { child.stdin.take() };
         Ok(Attacher { id, child, stdin })
     }
 
@@ -318,6 +340,23 @@ impl Fleet {
         }
         drop(all);
         self.check()
+    }
+}
+
+impl Fleet {
+    /// Kills every attacher of `all` (`SIGKILL` to all first, so they exit in parallel)
+    /// and reaps them.
+    pub fn kill_all(&mut self, mut all: Vec<Attacher>) {
+        for a in all.iter_mut() {
+            if let Ok(None) = a.child.try_wait() {
+                let _ = a.child.kill();
+            }
+        }
+        for a in &all {
+            self.pending.remove(&a.id);
+        }
+        // Dropping waits for each.
+        drop(all);
     }
 }
 

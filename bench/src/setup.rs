@@ -1,6 +1,12 @@
 //! The memory each configuration is measured on, set up before its attachers start and
 //! torn down after they are gone: a 4 KiB memfd, a hugetlb memfd with its pool grant, a
-//! file on the bench's own THP tmpfs, a region on the bench's own msharefs mount.
+//! file on the bench's own THP tmpfs, a region on the bench's own msharefs mount (for
+//! `msharefs-hugetlb` and `limit`).
+//!
+//! msharefs is driven through its command line only, as an administrator would:
+//! `msharefs mount MNT --state-dir DIR --backing hugetlb`, `msharefs stat MNT --json` and
+//! `msharefs umount MNT --purge`; the daemon's pid (for its page-table growth) is read
+//! from `DIR/daemon.pid`, its log from `DIR/daemon.log`.
 //!
 //! Every resource is a value whose `Drop` releases it (the mapping is unmapped, the memfd
 //! closed, the tmpfs unmounted, msharefs unmounted with `--purge`, the pool grant given
@@ -13,15 +19,13 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use kernel_glue::hugepages::{self, PoolGrant};
-use kernel_glue::mapping::Protection;
 use kernel_glue::mount::{self, InstanceMount};
-use kernel_glue::{HUGE_PAGE_SIZE, PAGE_SIZE, bench_sys, consts, fd as kfd, procfs};
+use kernel_glue::{HUGE_PAGE_SIZE, PAGE_SIZE, consts, fd as kfd, procfs};
 use mshare::{Backing, Region};
 
-use super::attacher::AttachKind;
-use super::fleet::Fleet;
-use super::{BenchError, Config, Progress};
-use crate::paths::StateDir;
+use crate::attacher::AttachKind;
+use crate::fleet::Fleet;
+use crate::run::{BenchError, Config, Progress};
 
 /// The bench's scratch directory, `/tmp/msharefs-bench-PID`: mount points and state.
 /// Removed on drop, unless something is still mounted below it (then it is detached
@@ -67,17 +71,18 @@ impl Drop for WorkDir {
     }
 }
 
-/// An msharefs mount run by this binary's `mount` and stopped with `umount --purge` on
+/// An msharefs mount started with `msharefs mount` and stopped with `umount --purge` on
 /// drop, which destroys the regions and gives back the huge pages the daemon added.
 #[derive(Debug)]
 pub struct MsharefsMount {
     exe: PathBuf,
     mnt: PathBuf,
-    state: StateDir,
+    state: PathBuf,
 }
 
 impl MsharefsMount {
-    /// `msharefs mount MNT --state-dir STATE --backing hugetlb`, returning once live.
+    /// `EXE mount MNT --state-dir STATE --backing hugetlb` (`EXE`: the `msharefs` binary),
+    /// returning once live.
     ///
     /// # Errors
     /// [`BenchError::Setup`] with the command's output and the daemon log's tail.
@@ -97,10 +102,10 @@ impl MsharefsMount {
         let m = MsharefsMount {
             exe: exe.to_path_buf(),
             mnt,
-            state: StateDir { dir: state },
+            state,
         };
         if !out.status.success() {
-            let log = std::fs::read_to_string(m.state.log_file()).unwrap_or_default();
+            let log = std::fs::read_to_string(m.state.join("daemon.log")).unwrap_or_default();
             let tail: Vec<&str> = log.lines().rev().take(10).collect();
             return Err(BenchError::Msharefs(format!(
                 "msharefs mount failed ({}): {}{}\ndaemon log (last lines, newest first):\n{}",
@@ -118,24 +123,35 @@ impl MsharefsMount {
         &self.mnt
     }
 
-    /// The daemon's pid.
+    /// The daemon's pid, from the pid file `msharefs mount` writes in the state directory.
     pub fn daemon_pid(&self) -> Option<u32> {
-        std::fs::read_to_string(self.state.pid_file())
+        std::fs::read_to_string(self.state.join("daemon.pid"))
             .ok()?
             .trim()
             .parse()
             .ok()
     }
 
-    /// Bytes of the host mapping of the region at `path` (inside the mount) populated so
-    /// far, from the daemon's statistics.
+    /// Bytes of the host mapping of the region `name` (at the mount's root) populated so
+    /// far: `populated` in `msharefs stat MNT --json`.
     ///
     /// # Errors
-    /// [`BenchError::Msharefs`] when the daemon does not answer or has no such region.
+    /// [`BenchError::Msharefs`] when the command fails or shows no such region.
     pub fn populated(&self, name: &str) -> Result<u64, BenchError> {
-        let body = crate::attach::request_stats(&self.state.socket())
-            .map_err(|e| BenchError::Msharefs(format!("msharefs stat: {e}")))?;
-        let v: serde_json::Value = serde_json::from_str(&body)
+        let out = Command::new(&self.exe)
+            .arg("stat")
+            .arg(&self.mnt)
+            .arg("--json")
+            .output()
+            .map_err(|e| BenchError::setup("run msharefs stat", e))?;
+        if !out.status.success() {
+            return Err(BenchError::Msharefs(format!(
+                "msharefs stat --json failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            )));
+        }
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
             .map_err(|e| BenchError::Msharefs(format!("msharefs stat: bad JSON: {e}")))?;
         v["regions"]
             .as_array()
@@ -216,14 +232,18 @@ fn memory_check(size: u64, reserve: u64, what: &str) -> Result<(), BenchError> {
 /// attachers find the pages allocated and zeroed (shmem zeroes a fallocated page at its
 /// first fault).
 fn prefault(fd: &OwnedFd, size: u64, fleet: &Fleet, p: &mut Progress) -> Result<(), BenchError> {
-    let m = bench_sys::mmap_shared(fd, size, Protection::ReadWrite)
-        .map_err(|e| BenchError::setup("map the region to fill it", e))?;
-    let chunk = 256 << 20;
+    let chunk: u64 = 256 << 20;
     let mut off = 0;
     while off < size {
         fleet.check()?;
         let n = chunk.min(size - off);
-        m.populate(off, n)
+        // One chunk at a time, so an interrupt is seen within a fraction of a second.
+        let m = memmap2::MmapOptions::new()
+            .offset(off)
+            .len(n as usize)
+            .map_raw(fd)
+            .map_err(|e| BenchError::setup("map the region to fill it", e))?;
+        m.advise(memmap2::Advice::PopulateWrite)
             .map_err(|e| BenchError::setup("fill the region", e))?;
         off += n;
         p.throttled(format!("  filling: {} of {} MiB", off >> 20, size >> 20));
@@ -243,7 +263,7 @@ fn proc_fd_path(fd: &OwnedFd) -> PathBuf {
 pub const REGION_NAME: &str = "bench-region";
 
 /// Sets up `config`'s memory of `size` bytes. `reserve` is the memory that must stay
-/// available.
+/// available; `msharefs` is the `msharefs` binary.
 ///
 /// # Errors
 /// [`BenchError`] of the step that failed; what was set up is released.
@@ -252,6 +272,7 @@ pub fn prepare(
     size: u64,
     reserve: u64,
     work: &WorkDir,
+    msharefs: &Path,
     fleet: &Fleet,
     p: &mut Progress,
 ) -> Result<Target, BenchError> {
@@ -308,8 +329,8 @@ pub fn prepare(
                 _held: Held::TmpfsFile { mount },
             })
         }
-        Config::MsharefsHugetlb => {
-            let mount = MsharefsMount::start(fleet.exe(), work.path())?;
+        Config::MsharefsHugetlb | Config::Limit => {
+            let mount = MsharefsMount::start(msharefs, work.path())?;
             let pte0 = mount
                 .daemon_pid()
                 .and_then(|pid| procfs::vm_pte(pid).ok())
@@ -346,7 +367,11 @@ pub fn prepare(
                 .and_then(|pid| procfs::vm_pte(pid).ok())
                 .unwrap_or(pte0);
             Ok(Target {
-                kind: AttachKind::Libmshare,
+                kind: if config == Config::Limit {
+                    AttachKind::Limit
+                } else {
+                    AttachKind::Libmshare
+                },
                 path,
                 shared_pt_bytes: pte1.saturating_sub(pte0),
                 _held: Held::Msharefs { mount },

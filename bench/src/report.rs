@@ -3,8 +3,10 @@
 //!
 //! The JSON has the stable fields `{"configs": [{"name", "attachers", "size_gib",
 //! "pt_bytes_per_attacher_per_gib", "faults_per_attacher_per_gib", "attach_touch_ms_median",
-//! "attach_touch_ms_p99", "bandwidth_ratio"}]}`; everything else is explanation that may
-//! grow.
+//! "attach_touch_ms_p99", "bandwidth_ratio"}], "storm": [{"name", "attachers",
+//! "size_gib", "wall_ms", "faults_per_attacher", "faults_per_attacher_per_gib"}]}` (one
+//! of the two lists is empty: a run measures storms or not); everything else is
+//! explanation that may grow.
 
 use std::fmt::Write as _;
 
@@ -78,6 +80,40 @@ pub struct ConfigResult {
     pub reference_gbps: f64,
 }
 
+/// One configuration's storm (`--storm N`): N attachers made ready, then released at once.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StormResult {
+    /// Configuration name.
+    pub name: String,
+    /// Attachers asked for (N).
+    pub attachers: usize,
+    /// Region size (G).
+    pub size_gib: u64,
+    /// Attachers that touched their whole region before the time limit (0 when the storm
+    /// was skipped; see `note`).
+    pub finished: usize,
+    /// Wall time from the release until the last attacher had touched its whole region
+    /// (ms), from the attachers' own `CLOCK_REALTIME` stamps; 0 when skipped.
+    pub wall_ms: f64,
+    /// Minor faults of the touch loop per attacher (mean).
+    pub faults_per_attacher: f64,
+    /// The same per GiB.
+    pub faults_per_attacher_per_gib: f64,
+    /// Most faults any attacher took.
+    pub faults_max_per_attacher: f64,
+    /// Each attacher's own attach+touch time inside the storm, median (ms).
+    pub attach_touch_ms_median: f64,
+    /// The same, 99th percentile (nearest rank).
+    pub attach_touch_ms_p99: f64,
+    /// From the release until the last attacher had woken and started (ms): how long the
+    /// CPUs took to get to everyone.
+    pub last_start_ms: f64,
+    /// Seconds it took to start the N attachers and get them ready (not part of the storm).
+    pub ready_secs: f64,
+    /// Why the storm was skipped or stopped, or what else to know; empty when nothing.
+    pub note: String,
+}
+
 /// One target of msharefs-hugetlb and whether this run met it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Target {
@@ -111,9 +147,12 @@ pub struct Machine {
 /// The whole run.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
-    /// One entry per configuration.
+    /// One entry per configuration (empty for a storm run).
     pub configs: Vec<ConfigResult>,
-    /// Attachers asked for.
+    /// One entry per configuration of a storm run (`--storm`), else empty.
+    #[serde(default)]
+    pub storm: Vec<StormResult>,
+    /// Attachers asked for (per configuration; for a storm run, the storm's N).
     pub attachers: usize,
     /// Region size.
     pub size_gib: u64,
@@ -123,7 +162,7 @@ pub struct Report {
     pub control_pt_bytes_per_process: f64,
     /// How the figures were measured.
     pub method: Vec<String>,
-    /// msharefs-hugetlb against its targets (when the baselines ran).
+    /// msharefs-hugetlb against its targets (when the baselines or `limit` ran).
     pub targets: Vec<Target>,
     /// The machine.
     pub machine: Machine,
@@ -131,7 +170,7 @@ pub struct Report {
     pub elapsed_secs: f64,
 }
 
-const METHOD: [&str; 6] = [
+const METHOD: [&str; 8] = [
     "pt_bytes_per_attacher_per_gib: /proc/meminfo PageTables (after vm.stat_refresh) with all \
      attachers attached and every page touched, minus PageTables after the same processes \
      unmapped the region, divided by attachers and GiB; median over detach/re-attach \
@@ -145,7 +184,14 @@ const METHOD: [&str; 6] = [
     "bandwidth_ratio: best read+write sweep of the whole region in one attacher over the \
      best sweep of an anonymous MAP_HUGETLB mapping of the same size in another process, \
      the two alternating sweep by sweep",
-    "attachers are separate processes (msharefs bench-attacher), all alive together",
+    "attachers are separate processes (msharefs-bench attacher), all alive together",
+    "limit: an attacher holding the msharefs region's hugetlb backing (asked of the daemon \
+     once, before its clock starts) maps it at a 1 GiB-aligned address and touches it: the \
+     floor of attach+touch",
+    "storm (--storm N): N attachers started and made ready (for limit: holding the \
+     backing), then released at once by closing the one write end of a pipe that is all \
+     their standard inputs; wall_ms from the release to the last attacher's end of touch \
+     (CLOCK_REALTIME stamps taken by the attachers)",
 ];
 
 fn machine(load_at_start: f64) -> Machine {
@@ -159,7 +205,7 @@ fn machine(load_at_start: f64) -> Machine {
         mem_total_gib: total as f64 / (1u64 << 30) as f64,
         load_avg_1m: Some([
             load_at_start,
-            kernel_glue::bench_sys::loadavg().map_or(0.0, |l| l[0]),
+            kernel_glue::procfs::loadavg().map_or(0.0, |l| l[0]),
         ]),
     }
 }
@@ -168,11 +214,47 @@ fn find<'a>(cs: &'a [ConfigResult], name: &str) -> Option<&'a ConfigResult> {
     cs.iter().find(|c| c.name == name)
 }
 
+/// msharefs-hugetlb's median attach+touch over `limit`'s, when both ran.
+pub fn limit_ratio(cs: &[ConfigResult]) -> Option<f64> {
+    let ms = find(cs, "msharefs-hugetlb")?;
+    let l = find(cs, "limit")?;
+    Some(ms.attach_touch_ms_median / l.attach_touch_ms_median.max(1e-9))
+}
+
+fn storm_targets(ss: &[StormResult]) -> Vec<Target> {
+    let find = |n: &str| ss.iter().find(|s| s.name == n && s.finished == s.attachers);
+    let (Some(ms), Some(h)) = (find("msharefs-hugetlb"), find("hugetlb-kernel-placed")) else {
+        return Vec::new();
+    };
+    vec![Target {
+        target: "storm: msharefs-hugetlb finishes no later than hugetlb-kernel-placed".into(),
+        value: ms.wall_ms,
+        limit: h.wall_ms,
+        met: ms.wall_ms <= h.wall_ms,
+        detail: format!(
+            "{:.1} ms vs {:.1} ms ({} attachers of {} GiB)",
+            ms.wall_ms, h.wall_ms, ms.attachers, ms.size_gib
+        ),
+    }]
+}
+
 fn targets(cs: &[ConfigResult]) -> Vec<Target> {
     let mut out = Vec::new();
     let Some(ms) = find(cs, "msharefs-hugetlb") else {
         return out;
     };
+    if let (Some(l), Some(ratio)) = (find(cs, "limit"), limit_ratio(cs)) {
+        out.push(Target {
+            target: "attach+touch median at most 2x limit's".into(),
+            value: ratio,
+            limit: 2.0,
+            met: ratio <= 2.0,
+            detail: format!(
+                "{ratio:.2}x ({:.3} ms vs {:.3} ms)",
+                ms.attach_touch_ms_median, l.attach_touch_ms_median
+            ),
+        });
+    }
     let shmem = find(cs, "shmem-4k");
     let huge = find(cs, "hugetlb-kernel-placed");
     if let Some(s) = shmem {
@@ -303,18 +385,22 @@ fn speed_words(base_ms: f64, ms_ms: f64) -> String {
 
 impl Report {
     /// Assembles the report.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         attachers: usize,
         size_gib: u64,
         command: String,
         configs: Vec<ConfigResult>,
+        storm: Vec<StormResult>,
         control: f64,
         load_at_start: f64,
         elapsed_secs: f64,
     ) -> Report {
-        let targets = targets(&configs);
+        let mut targets = targets(&configs);
+        targets.extend(storm_targets(&storm));
         Report {
             configs,
+            storm,
             attachers,
             size_gib,
             command,
@@ -332,17 +418,40 @@ impl Report {
         let load = self.machine.load_avg_1m.map_or(String::new(), |[a, b]| {
             format!("; load average {a:.1} at the start, {b:.1} at the end")
         });
+        let what = if self.storm.is_empty() {
+            format!(
+                "{} attachers x {} GiB region",
+                self.attachers, self.size_gib
+            )
+        } else {
+            format!(
+                "storm of {} attachers x {} GiB region, released at once",
+                self.attachers, self.size_gib
+            )
+        };
         let _ = writeln!(
             s,
-            "\nmsharefs bench: {} attachers x {} GiB region, Linux {}, {} CPUs, {:.0} GiB RAM \
-             ({:.0} s{load})",
-            self.attachers,
-            self.size_gib,
-            self.machine.kernel,
-            self.machine.cpus,
-            self.machine.mem_total_gib,
-            self.elapsed_secs,
+            "\nmsharefs-bench: {what}, Linux {}, {} CPUs, {:.0} GiB RAM ({:.0} s{load})",
+            self.machine.kernel, self.machine.cpus, self.machine.mem_total_gib, self.elapsed_secs,
         );
+        if self.storm.is_empty() {
+            self.configs_table(&mut s);
+        } else {
+            self.storm_table(&mut s);
+        }
+        for t in &self.targets {
+            let _ = writeln!(
+                s,
+                "target {}: {}: {}",
+                if t.met { "MET   " } else { "MISSED" },
+                t.target,
+                t.detail
+            );
+        }
+        s
+    }
+
+    fn configs_table(&self, s: &mut String) {
         let _ = writeln!(
             s,
             "{:<22} {:>9} {:>14} {:>12} {:>13} {:>11} {:>9}",
@@ -393,17 +502,68 @@ impl Report {
                     speed_words(b.attach_touch_ms_median, ms.attach_touch_ms_median)
                 );
             }
+            if let (Some(l), Some(r)) = (find(&self.configs, "limit"), limit_ratio(&self.configs)) {
+                let _ = writeln!(
+                    s,
+                    "msharefs-hugetlb / limit: attach+touch median {r:.2}x the floor \
+                     ({:.3} ms vs {:.3} ms; p99 {:.3} vs {:.3} ms)",
+                    ms.attach_touch_ms_median,
+                    l.attach_touch_ms_median,
+                    ms.attach_touch_ms_p99,
+                    l.attach_touch_ms_p99
+                );
+            }
         }
-        for t in &self.targets {
+    }
+
+    fn storm_table(&self, s: &mut String) {
+        let _ = writeln!(
+            s,
+            "{:<22} {:>9} {:>14} {:>12} {:>12} {:>13} {:>11} {:>13}",
+            "config",
+            "finished",
+            "all touched ms",
+            "faults/att",
+            "faults/GiB",
+            "own ms p50",
+            "own ms p99",
+            "last start ms"
+        );
+        for c in &self.storm {
             let _ = writeln!(
                 s,
-                "target {}: {}: {}",
-                if t.met { "MET   " } else { "MISSED" },
-                t.target,
-                t.detail
+                "{:<22} {:>9} {:>14.1} {:>12.1} {:>12.1} {:>13.3} {:>11.3} {:>13.1}",
+                c.name,
+                format!("{}/{}", c.finished, c.attachers),
+                c.wall_ms,
+                c.faults_per_attacher,
+                c.faults_per_attacher_per_gib,
+                c.attach_touch_ms_median,
+                c.attach_touch_ms_p99,
+                c.last_start_ms
             );
         }
-        s
+        for c in &self.storm {
+            if !c.note.is_empty() {
+                let _ = writeln!(s, "note: {}: {}", c.name, c.note);
+            }
+        }
+        let done = |n: &str| {
+            self.storm
+                .iter()
+                .find(|c| c.name == n && c.finished == c.attachers && c.attachers > 0)
+        };
+        if let Some(ms) = done("msharefs-hugetlb") {
+            for base in ["shmem-4k", "hugetlb-kernel-placed", "thp", "limit"] {
+                if let Some(b) = done(base) {
+                    let _ = writeln!(
+                        s,
+                        "storm, msharefs-hugetlb vs {base}: all touched {}",
+                        speed_words(b.wall_ms, ms.wall_ms)
+                    );
+                }
+            }
+        }
     }
 
     /// Reads a report written by [`Report::json`] (to print or plot it again).
@@ -426,6 +586,9 @@ impl Report {
 
     /// `--csv`: one line per configuration.
     pub fn csv(&self) -> String {
+        if !self.storm.is_empty() {
+            return self.storm_csv();
+        }
         let mut s = String::from(
             "name,attachers,size_gib,pt_bytes_per_attacher_per_gib,faults_per_attacher_per_gib,\
              attach_touch_ms_median,attach_touch_ms_p99,bandwidth_ratio,attachers_measured,\
@@ -456,10 +619,43 @@ impl Report {
         s
     }
 
+    fn storm_csv(&self) -> String {
+        let mut s = String::from(
+            "name,attachers,size_gib,finished,wall_ms,faults_per_attacher,\
+             faults_per_attacher_per_gib,faults_max_per_attacher,attach_touch_ms_median,\
+             attach_touch_ms_p99,last_start_ms,ready_secs,note\n",
+        );
+        for c in &self.storm {
+            let _ = writeln!(
+                s,
+                "{},{},{},{},{:.3},{:.3},{:.3},{:.0},{:.4},{:.4},{:.3},{:.3},\"{}\"",
+                c.name,
+                c.attachers,
+                c.size_gib,
+                c.finished,
+                c.wall_ms,
+                c.faults_per_attacher,
+                c.faults_per_attacher_per_gib,
+                c.faults_max_per_attacher,
+                c.attach_touch_ms_median,
+                c.attach_touch_ms_p99,
+                c.last_start_ms,
+                c.ready_secs,
+                c.note.replace('"', "\"\"")
+            );
+        }
+        s
+    }
+
     /// `--plot`: four bar charts (page tables, faults, attach+touch time on log scales;
-    /// bandwidth ratio on a linear one), one bar per configuration.
+    /// bandwidth ratio on a linear one), one bar per configuration; for a storm run two
+    /// (wall time until all touched, faults per attacher).
     pub fn svg(&self) -> String {
-        svg::chart(self)
+        if self.storm.is_empty() {
+            svg::chart(self)
+        } else {
+            svg::storm_chart(self)
+        }
     }
 }
 
@@ -479,11 +675,12 @@ mod svg {
 
     const W: f64 = 1000.0;
     const H: f64 = 665.0;
-    const COLORS: [(&str, &str); 4] = [
+    const COLORS: [(&str, &str); 5] = [
         ("shmem-4k", "#8c8c8c"),
         ("hugetlb-kernel-placed", "#e0862c"),
         ("thp", "#4c78a8"),
         ("msharefs-hugetlb", "#2ca02c"),
+        ("limit", "#9467bd"),
     ];
 
     fn color(name: &str) -> &'static str {
@@ -698,7 +895,7 @@ mod svg {
         let _ = writeln!(out, r#"<rect width="{W}" height="{H}" fill="white"/>"#);
         let _ = writeln!(
             out,
-            r#"<text x="{:.1}" y="28" font-size="18" font-weight="bold" text-anchor="middle">msharefs bench: {} attacher processes of a {} GiB region (Linux {})</text>"#,
+            r#"<text x="{:.1}" y="28" font-size="18" font-weight="bold" text-anchor="middle">msharefs-bench: {} attacher processes of a {} GiB region (Linux {})</text>"#,
             W / 2.0,
             r.attachers,
             r.size_gib,
@@ -768,6 +965,61 @@ mod svg {
         out.push_str("</svg>\n");
         out
     }
+
+    pub(super) fn storm_chart(r: &Report) -> String {
+        let mut out = String::new();
+        let h = 380.0;
+        let _ = writeln!(
+            out,
+            r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{h}" viewBox="0 0 {W} {h}" font-family="sans-serif">"#
+        );
+        let _ = writeln!(out, r#"<rect width="{W}" height="{h}" fill="white"/>"#);
+        let _ = writeln!(
+            out,
+            r#"<text x="{:.1}" y="28" font-size="18" font-weight="bold" text-anchor="middle">msharefs-bench --storm: {} attachers of a {} GiB region released at once (Linux {})</text>"#,
+            W / 2.0,
+            r.attachers,
+            r.size_gib,
+            esc(&r.machine.kernel)
+        );
+        let bars = |f: &dyn Fn(&super::StormResult) -> f64, fmt: &dyn Fn(f64) -> String| {
+            r.storm
+                .iter()
+                .map(|c| Bar {
+                    name: &c.name,
+                    value: f(c),
+                    label: if c.finished == 0 {
+                        "skipped".into()
+                    } else {
+                        fmt(f(c))
+                    },
+                    note: (c.finished < c.attachers)
+                        .then(|| format!("{} of {} finished", c.finished, c.attachers)),
+                })
+                .collect::<Vec<_>>()
+        };
+        let panels = [
+            Panel {
+                title: "Release to all touched",
+                hint: "wall time, milliseconds, log scale; lower is better",
+                log: true,
+                values: bars(&|c| c.wall_ms, &|v| format!("{} ms", fmt_value(v))),
+                line_at: None,
+            },
+            Panel {
+                title: "Minor faults per attacher",
+                hint: "to touch the whole region; log scale; lower is better",
+                log: true,
+                values: bars(&|c| c.faults_per_attacher, &fmt_value),
+                line_at: None,
+            },
+        ];
+        for (i, p) in panels.iter().enumerate() {
+            panel(&mut out, i as f64 * W / 2.0, 45.0, W / 2.0, h - 50.0, p);
+        }
+        out.push_str("</svg>\n");
+        out
+    }
 }
 
 #[cfg(test)]
@@ -811,13 +1063,15 @@ mod tests {
         Report::new(
             4,
             1,
-            "msharefs bench --quick".into(),
+            "msharefs-bench --quick".into(),
             vec![
                 result("shmem-4k", 2_101_248.0, 262_144.0, 250.0, 0.93),
                 result("hugetlb-kernel-placed", 4096.0, 512.0, 0.6, 1.0),
                 result("thp", 4096.0, 512.0, 0.9, 0.99),
                 result("msharefs-hugetlb", 0.0, 1.0, 0.2, 1.0),
+                result("limit", 0.0, 1.0, 0.08, 1.0),
             ],
+            vec![],
             100_000.0,
             1.0,
             12.0,
@@ -828,7 +1082,7 @@ mod tests {
     fn json_has_every_field_of_the_schema() {
         let v: serde_json::Value = serde_json::from_str(&report().json()).unwrap();
         let configs = v["configs"].as_array().unwrap();
-        assert_eq!(configs.len(), 4);
+        assert_eq!(configs.len(), 5);
         for c in configs {
             for f in [
                 "name",
@@ -848,13 +1102,17 @@ mod tests {
     #[test]
     fn targets_are_judged() {
         let r = report();
-        assert_eq!(r.targets.len(), 5);
-        assert!(r.targets.iter().all(|t| t.met), "{:?}", r.targets);
+        assert_eq!(r.targets.len(), 6);
+        // 0.2 ms against the floor's 0.08 ms: 2.5x, over the 2x target.
+        let lim = &r.targets[0];
+        assert!(!lim.met && (lim.value - 2.5).abs() < 1e-9, "{lim:?}");
+        assert!(r.targets[1..].iter().all(|t| t.met), "{:?}", r.targets);
         let t = r.table();
         assert!(t.contains("msharefs-hugetlb vs shmem-4k"));
-        assert!(t.contains("target MET"));
+        assert!(t.contains("msharefs-hugetlb / limit: attach+touch median 2.50x"));
+        assert!(t.contains("target MET") && t.contains("target MISSED"));
         let csv = r.csv();
-        assert_eq!(csv.lines().count(), 5);
+        assert_eq!(csv.lines().count(), 6);
     }
 
     #[test]
@@ -872,7 +1130,64 @@ mod tests {
         let s = report().svg();
         assert!(s.starts_with("<svg"));
         assert!(s.trim_end().ends_with("</svg>"));
-        assert_eq!(s.matches("<rect").count(), 1 + 16);
+        assert_eq!(s.matches("<rect").count(), 1 + 20);
         assert!(!s.contains("NaN") && !s.contains("inf"));
+    }
+
+    fn storm(name: &str, wall_ms: f64, finished: usize) -> StormResult {
+        StormResult {
+            name: name.into(),
+            attachers: 8,
+            size_gib: 1,
+            finished,
+            wall_ms,
+            faults_per_attacher: 512.0,
+            faults_per_attacher_per_gib: 512.0,
+            faults_max_per_attacher: 512.0,
+            attach_touch_ms_median: 1.0,
+            attach_touch_ms_p99: 2.0,
+            last_start_ms: 0.5,
+            ready_secs: 0.1,
+            note: String::new(),
+        }
+    }
+
+    #[test]
+    fn storm_reports_compare_wall_times() {
+        let mk = |ms_wall: f64| {
+            Report::new(
+                8,
+                1,
+                "msharefs-bench --storm 8 --quick".into(),
+                vec![],
+                vec![
+                    storm("shmem-4k", 0.0, 0),
+                    storm("hugetlb-kernel-placed", 20.0, 8),
+                    storm("msharefs-hugetlb", ms_wall, 8),
+                ],
+                0.0,
+                1.0,
+                3.0,
+            )
+        };
+        let r = mk(10.0);
+        assert_eq!(r.targets.len(), 1);
+        assert!(r.targets[0].met);
+        assert!(!mk(30.0).targets[0].met);
+        let t = r.table();
+        assert!(t.contains(
+            "storm, msharefs-hugetlb vs hugetlb-kernel-placed: all touched 2.00x faster"
+        ));
+        assert!(t.contains("0/8"), "{t}");
+        assert_eq!(r.csv().lines().count(), 4);
+        let svg = r.svg();
+        assert!(svg.starts_with("<svg") && svg.contains("skipped"));
+        assert!(!svg.contains("NaN") && !svg.contains("inf"));
+        let back = Report::from_json(&r.json()).unwrap();
+        assert_eq!(back.table(), r.table());
+        // A report written before storms existed still reads.
+        let mut v: serde_json::Value = serde_json::from_str(&report().json()).unwrap();
+        v.as_object_mut().unwrap().remove("storm");
+        assert!(Report::from_json(&v.to_string()).unwrap().storm.is_empty());
     }
 }
