@@ -132,7 +132,11 @@ fn err(e: i32) -> Errno {
 
 fn reply_entry(r: FsResult<Node>, reply: ReplyEntry) {
     match r {
-        Ok(n) => reply.entry_with_ttls(&attr_ttl(&n), &TTL, &attr(&n), Generation(0)),
+        // The name of a sized region is cached as long as its attributes: names change
+        // through this connection (rename, unlink), and the names the daemon removes on its
+        // own it tells the kernel about (`Core::remove_region`). Every attacher after the
+        // first then opens the region without a lookup.
+        Ok(n) => reply.entry_with_ttls(&attr_ttl(&n), &attr_ttl(&n), &attr(&n), Generation(0)),
         Err(e) => reply.error(err(e)),
     }
 }
