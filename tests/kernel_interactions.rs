@@ -4,7 +4,7 @@
 //! one per GiB when they link shared tables, 512 per GiB when they build their own) and
 //! what `msharefs stat` reports for each. `docs/KERNEL.md` summarizes the results.
 
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -507,12 +507,13 @@ fn uffd_guard_keeps_sharing_only_between_guarded_mappings() {
     }
 }
 
-/// `MSHAREFS_UNMAP` with the unmap guard on (`MSHAREFS_UNMAP_GUARD=1` at mount) and two
-/// guarded attachers (`mshare::guard::arm`): they share tables with the guarded host
-/// mappings; after `UNMAP` a touch of the range raises `SIGBUS`, a system call into it
+/// `MSHAREFS_UNMAP` on a mount with `--unmap-guard` (`-o unmap_guard`): two attachers
+/// through libmshare, which arms the guard on its own (`GET_INFO` says the mount guards),
+/// share tables with the guarded host mappings; after `UNMAP` a touch of the range raises `SIGBUS`, a system call into it
 /// fails with `EFAULT` (so does a FUSE `write` there), the rest of the region is
 /// untouched, and `CREATE_MAPPING` makes the range usable again, zeroed. An unguarded
-/// attacher shares nothing with guarded mappings, and stat says why.
+/// mapping (the backing file mapped directly) shares nothing with guarded ones, and stat
+/// says why.
 #[test]
 #[ignore = "needs root: mounts msharefs, grows the huge-page pool"]
 fn unmap_guard_signals_and_keeps_sharing() {
@@ -523,11 +524,7 @@ fn unmap_guard_signals_and_keeps_sharing() {
     let Some((_pool, _dir)) = start("unmap_guard") else {
         return;
     };
-    let fs = Msharefs::mount_with_env(
-        "unmap-guard",
-        &["--backing", "hugetlb"],
-        &[("MSHAREFS_UNMAP_GUARD", "1")],
-    );
+    let fs = Msharefs::mount("unmap-guard", &["--backing", "hugetlb", "--unmap-guard"]);
     let path = create_region(&fs);
     let fd = kernel_glue::fd::open(&path, O_RDWR, 0).unwrap();
     let mut create = MshareCreate {
@@ -542,8 +539,6 @@ fn unmap_guard_signals_and_keeps_sharing() {
     kernel_glue::fd::ioctl_ptr(&fd, uapi::MSHAREFS_CREATE_MAPPING, &mut create).unwrap();
     let mut a = Ops::start("A", &path);
     let mut b = Ops::start("B", &path);
-    a.cmd("guard");
-    b.cmd("guard");
     a.store(GIB, 0xBEEF);
     a.store(0, 0xF00D);
     let (fa, fb) = (a.touch(), b.touch());
@@ -556,7 +551,9 @@ fn unmap_guard_signals_and_keeps_sharing() {
         assert_eq!(row["sharing"], true, "{row}");
     }
     // An unguarded attacher's VMA lacks VM_UFFD_MISSING: it builds its own tables.
-    let mut plain = Ops::start("unguarded", &path);
+    let ino = std::fs::metadata(&path).unwrap().ino();
+    let backing = fs.state_dir().join(format!("backing/hugetlb/{ino}"));
+    let mut plain = Ops::start_raw("unguarded", &backing);
     let fp = plain.touch();
     let row = attached_row(&fs, plain.pid);
     assert_eq!(row["sharing"], false, "{row}");

@@ -110,7 +110,7 @@ impl Msharefs {
     }
 
     /// Mounts msharefs with extra `mount` arguments and environment variables for the
-    /// daemon (e.g. `MSHAREFS_UNMAP_GUARD=1`).
+    /// daemon (e.g. `RUST_LOG=debug`).
     ///
     /// # Panics
     /// When the mount fails (the daemon's log is printed).

@@ -90,8 +90,11 @@ pub fn create_anon_region(
     };
     // The descriptor closes when this returns; an anonymous region then lives on in the
     // mapping alone.
-    client::attach(fd.as_fd(), &info, Protection::ReadWrite, Cover::Granules)
-        .map_err(AnonError::Attach)
+    let m = client::attach(fd.as_fd(), &info, Protection::ReadWrite, Cover::Granules)
+        .map_err(AnonError::Attach)?;
+    // On a mount that guards MSHAREFS_UNMAP, for as long as the mapping lasts.
+    std::mem::forget(client::guard(&m, &info).map_err(AnonError::Attach)?);
+    Ok(m)
 }
 
 #[cfg(test)]

@@ -277,6 +277,21 @@ pub fn reopen_in_place(fd: BorrowedFd<'_>) -> io::Result<()> {
     Err(kernel_glue::errno(ENOENT))
 }
 
+/// Arms the `MSHAREFS_UNMAP` guard on `m`, a new mapping of the region `info` describes,
+/// when the region's mount guards it ([`uapi::FLAG_UNMAP_GUARD`]): then every mapping must
+/// be guarded to share page tables with the daemon's. The registration lasts as long as
+/// the returned guard (or, forgotten, as long as the mapping).
+///
+/// # Errors
+/// As `guard::arm` (`ENOSYS` without userfaultfd).
+pub fn guard(m: &Mapping, info: &MshareRegionInfo) -> io::Result<Option<crate::guard::Guard>> {
+    if info.flags & uapi::FLAG_UNMAP_GUARD == 0 {
+        return Ok(None);
+    }
+    let backing = Backing::from_raw(info.backing).ok_or_else(|| kernel_glue::errno(EINVAL))?;
+    crate::guard::arm(m, backing).map(Some)
+}
+
 /// Runs `f` again while it fails with `EBUSY`, sleeping 2 ms between tries, at most 100
 /// times: msharefs refuses a backing change while the region is open, and FUSE delivers
 /// a close to the daemon asynchronously, so a region just created and closed can look

@@ -281,13 +281,18 @@ impl Region {
             if open.size == 0 {
                 return Err(kernel_glue::errno(EINVAL));
             }
-            let mapping = match &open.kind {
-                Kind::Msharefs { info } => client::attach(open.fd.as_fd(), info, prot, cover)?,
-                Kind::Direct => {
-                    Mapping::map_aligned(&open.fd, open.size, prot, uapi::MSHARE_GRANULE)?
+            let (mapping, guard) = match &open.kind {
+                Kind::Msharefs { info } => {
+                    let m = client::attach(open.fd.as_fd(), info, prot, cover)?;
+                    let g = client::guard(&m, info)?;
+                    (m, g)
                 }
+                Kind::Direct => (
+                    Mapping::map_aligned(&open.fd, open.size, prot, uapi::MSHARE_GRANULE)?,
+                    None,
+                ),
             };
-            Ok(Attachment { mapping })
+            Ok(Attachment { mapping, guard })
         })
     }
 
@@ -372,6 +377,8 @@ pub fn set_backing(path: &Path, backing: Backing) -> io::Result<()> {
 #[derive(Debug)]
 pub struct Attachment {
     mapping: Mapping,
+    /// The `MSHAREFS_UNMAP` guard, on mounts that guard it (`client::guard`).
+    guard: Option<crate::guard::Guard>,
 }
 
 impl Attachment {
@@ -407,6 +414,8 @@ impl Attachment {
     /// `munmap(addr, mapped)` (`mapped` is the region size for [`Cover::Exact`], more for
     /// [`Cover::Granules`]).
     pub fn into_raw(self) -> (usize, usize) {
+        // A guard must last as long as the mapping, which is the caller's now.
+        std::mem::forget(self.guard);
         self.mapping.into_raw()
     }
 }

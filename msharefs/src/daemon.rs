@@ -248,6 +248,7 @@ fn run_daemon(mnt: &Path, opts: &MountOpts, tell_parent: bool) -> std::io::Resul
         state.state_file(),
         socket.clone(),
         user_quota,
+        opts.unmap_guard,
     ));
     core.recover();
     crate::shm::recover(&core);

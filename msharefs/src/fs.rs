@@ -179,14 +179,12 @@ pub struct Core {
     /// The `MSHAREFS_UNMAP` guard (`mshare::guard`, `docs/KERNEL.md`): `UNMAP` leaves a
     /// hole (a guarded attacher that touches it gets `SIGBUS`), `CREATE_MAPPING` fills
     /// it again, and the host mappings are registered as guarded attachers' are, so they
-    /// keep sharing tables. Off until the attach paths arm the guard (an unguarded
-    /// attacher shares nothing with guarded host mappings); on with the environment
-    /// variable `MSHAREFS_UNMAP_GUARD=1` at mount.
+    /// keep sharing tables; libmshare and the shim arm the guard on every mapping of a
+    /// region whose info carries `FLAG_UNMAP_GUARD` (an unguarded mapping shares nothing
+    /// with guarded host mappings). On with the mount option `--unmap-guard`
+    /// (`-o unmap_guard`).
     pub unmap_guard: bool,
 }
-
-/// The environment variable that turns the unmap guard on (see [`Core::unmap_guard`]).
-pub const UNMAP_GUARD_ENV: &str = "MSHAREFS_UNMAP_GUARD";
 
 impl Core {
     /// A core over a loaded or new tree, with the per-user quota of region memory.
@@ -196,8 +194,8 @@ impl Core {
         state_file: PathBuf,
         socket_path: PathBuf,
         user_quota: Option<u64>,
+        unmap_guard: bool,
     ) -> Core {
-        let unmap_guard = std::env::var_os(UNMAP_GUARD_ENV).is_some_and(|v| v == "1");
         Core {
             inner: Mutex::new(Inner {
                 tree,
@@ -781,6 +779,9 @@ impl Core {
             info.length = r.length();
             info.page_size = r.store.page_size();
             info.backing = r.store.backing().raw();
+            if self.unmap_guard && r.store == Store::Hugetlb {
+                info.flags |= uapi::FLAG_UNMAP_GUARD;
+            }
             info.kind = match r.shm {
                 None => uapi::KIND_REGION,
                 Some(ShmOrigin::Posix { .. }) => uapi::KIND_POSIX_SHM,

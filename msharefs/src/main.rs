@@ -110,6 +110,13 @@ enum Cmd {
         #[arg(long, value_name = "SIZE", default_value = "50%", allow_hyphen_values = true,
               value_parser = options::parse_user_quota)]
         user_quota: options::UserQuota,
+        /// Make a touch of a range MSHAREFS_UNMAP removed raise SIGBUS in attachers, as the
+        /// kernel's mshare faults (default: it reads as zero). Every mapping of a region
+        /// must then be made through libmshare or the shim, and a forked child of an
+        /// attacher builds its own tables; not for mounts that serve the shim's anonymous
+        /// or shared-memory placement.
+        #[arg(long)]
+        unmap_guard: bool,
     },
     /// Stop the daemon and remove the mount; region data stays unless --purge.
     Umount {
@@ -284,8 +291,10 @@ fn main() -> ExitCode {
             table_budget,
             psi_threshold,
             user_quota,
+            unmap_guard,
         } => (|| {
             let mut opts = options::MountOpts::new(mountpoint);
+            opts.unmap_guard = unmap_guard;
             opts.backing = backing.map(|b| match b {
                 BackingArg::Hugetlb => state::Store::Hugetlb,
                 BackingArg::Thp => state::Store::Thp,

@@ -152,6 +152,8 @@ pub struct MountOpts {
     pub user_quota: UserQuota,
     /// Log level of the daemon.
     pub log_level: log::LevelFilter,
+    /// Guard `MSHAREFS_UNMAP` (attachers get `SIGBUS` in an unmapped range).
+    pub unmap_guard: bool,
 }
 
 /// The default `--psi-threshold`.
@@ -171,6 +173,7 @@ impl MountOpts {
             psi_threshold: DEFAULT_PSI_THRESHOLD,
             user_quota: DEFAULT_USER_QUOTA,
             log_level: log::LevelFilter::Info,
+            unmap_guard: false,
         }
     }
 
@@ -196,6 +199,9 @@ impl MountOpts {
         }
         if let Some(t) = self.table_budget {
             a.extend(["--table-budget".into(), t.to_string().into()]);
+        }
+        if self.unmap_guard {
+            a.push("--unmap-guard".into());
         }
         a
     }
@@ -294,6 +300,7 @@ fn apply_option(opts: &mut MountOpts, opt: &str) -> Result<bool, String> {
         }
         "user_quota" => opts.user_quota = parse_user_quota(&need(value)?).map_err(named)?,
         "log_level" => opts.log_level = parse_log_level(&need(value)?).map_err(named)?,
+        "unmap_guard" if value.is_none() => opts.unmap_guard = true,
         "ro" => return Err("msharefs cannot be mounted read-only (option ro)".to_string()),
         k if k.to_ascii_lowercase().starts_with("x_") || k == "comment" => {}
         k if value.is_none() && IGNORED_OPTIONS.contains(&k) => {}
@@ -367,7 +374,7 @@ pub fn parse_helper_args(args: &[String]) -> Result<HelperCall, String> {
             } else {
                 return Err(format!(
                     "unknown option {opt:?} (msharefs takes backing=, state_dir=, \
-                     table_budget=, psi_threshold=, user_quota=, log_level=; -s ignores \
+                     table_budget=, psi_threshold=, user_quota=, log_level=, unmap_guard; -s ignores \
                      unknown options)"
                 ));
             }

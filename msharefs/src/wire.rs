@@ -55,7 +55,7 @@ pub fn info_bytes(i: &MshareRegionInfo) -> Vec<u8> {
     v.extend_from_slice(&i.version.to_ne_bytes());
     v.extend_from_slice(&i.length.to_ne_bytes());
     v.extend_from_slice(&i.kind.to_ne_bytes());
-    v.extend_from_slice(&i.reserved.to_ne_bytes());
+    v.extend_from_slice(&i.flags.to_ne_bytes());
     v.extend_from_slice(&i.socket_path);
     v
 }

@@ -134,8 +134,8 @@ pub struct MshareRegionInfo {
     pub length: u64,
     /// What the region is, one of `KIND_*`.
     pub kind: u32,
-    /// Zero.
-    pub reserved: u32,
+    /// `FLAG_*` bits.
+    pub flags: u32,
     /// NUL-terminated path of the daemon's attach socket.
     pub socket_path: [u8; SOCKET_PATH_LEN],
 }
@@ -150,11 +150,17 @@ impl Default for MshareRegionInfo {
             version: 0,
             length: 0,
             kind: 0,
-            reserved: 0,
+            flags: 0,
             socket_path: [0; SOCKET_PATH_LEN],
         }
     }
 }
+
+/// [`MshareRegionInfo::flags`]: the mount guards `MSHAREFS_UNMAP` (`msharefs mount
+/// --unmap-guard`): every mapping of the region must be registered for userfaultfd missing
+/// faults with `SIGBUS` (libmshare's `guard::arm`), or it shares no page table with the
+/// daemon's, which are.
+pub const FLAG_UNMAP_GUARD: u32 = 1;
 
 /// [`MshareRegionInfo::kind`]: a region made through the mshare API.
 pub const KIND_REGION: u32 = 0;

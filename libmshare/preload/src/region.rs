@@ -195,6 +195,8 @@ fn map_backing(
             Mapping::map_range_aligned(backing.as_fd(), offset as u64, mapped as u64, p, GIB as u64)
         }
         .map_err(|e| kernel_glue::errno_of(&e))?;
+        // On a mount that guards MSHAREFS_UNMAP, for as long as the mapping lasts.
+        std::mem::forget(client::guard(&m, info).map_err(|e| kernel_glue::errno_of(&e))?);
         if flags & shim_sys::MAP_POPULATE != 0 {
             // mmap(2) ignores MAP_POPULATE failures too: the pages fault in later instead.
             let _ = m.populate(0, mapped as u64);

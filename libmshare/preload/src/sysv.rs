@@ -313,6 +313,8 @@ fn place(
             // Every GiB covered whole: all of its page tables shared.
             let m = client::map_backing(backing.as_fd(), info.size, prot, Cover::Granules)
                 .map_err(|e| kernel_glue::errno_of(&e))?;
+            // On a mount that guards MSHAREFS_UNMAP, for as long as the mapping lasts.
+            std::mem::forget(client::guard(&m, &info).map_err(|e| kernel_glue::errno_of(&e))?);
             m.into_raw()
         }
         // hugetlb memory maps at huge-page boundaries only (the kernel's EINVAL).
