@@ -532,6 +532,7 @@ mod tests {
             ("msharefs /m -o user_quota=200%", "\"200%\""),
             ("msharefs /m -o backing=huge", "\"huge\""),
             ("msharefs /m -o backing", "backing="),
+            ("msharefs /m -o unmap_guard=1", "unmap_guard=1"),
             ("msharefs /m -o state_dir=", "state_dir="),
             ("msharefs /m -t ext4", "ext4"),
             ("msharefs /m -N 1234", "-N"),
@@ -551,6 +552,7 @@ mod tests {
         o.table_budget = Some(7);
         o.state_dir = Some("/s".into());
         o.psi_threshold = 2.5;
+        o.unmap_guard = true;
         let a: Vec<String> = o
             .daemon_args(std::path::Path::new("/m"))
             .into_iter()
@@ -559,7 +561,9 @@ mod tests {
         assert_eq!(
             a.join(" "),
             "--log-level info mount /m --foreground --psi-threshold 2.5 --user-quota 50% \
-             --state-dir /s --backing thp --table-budget 7"
+             --state-dir /s --backing thp --table-budget 7 --unmap-guard"
         );
+        let c = parse_helper_args(&args("msharefs /m -o unmap_guard,backing=hugetlb")).unwrap();
+        assert!(c.opts.unmap_guard);
     }
 }
