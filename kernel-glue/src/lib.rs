@@ -11,6 +11,7 @@
 pub mod bench_sys;
 pub mod caps;
 pub mod cgroup;
+pub mod epoll;
 pub mod fd;
 pub mod hugepages;
 pub mod ipc;
