@@ -253,6 +253,13 @@ impl Core {
             log::info!("removing region {ino}, unlinked before the last daemon stopped");
             self.destroy(&mut inner, ino);
         }
+        // Hold every backing file from now on (a missing one is reported by the
+        // operations that need it, as it would have been before).
+        for (n, r) in inner.tree.regions() {
+            if let Err(e) = self.stores.file(r.store, n.ino) {
+                log::error!("region {}: cannot open its backing file: {e}", n.ino);
+            }
+        }
         let hugetlb: Vec<(u64, u64)> = inner
             .tree
             .regions()
@@ -727,11 +734,8 @@ impl Core {
         }
         let n = (len as u64).min(r.length - offset) as usize;
         let mut buf = vec![0u8; n];
-        let fd = self
-            .stores
-            .open_file(r.store, ino, false)
-            .map_err(|e| errno_of(&e))?;
-        let got = kfd::pread_full(&fd, &mut buf, offset).map_err(|e| errno_of(&e))?;
+        let f = self.stores.file(r.store, ino).map_err(|e| errno_of(&e))?;
+        let got = kfd::pread_full(f.fd(), &mut buf, offset).map_err(|e| errno_of(&e))?;
         buf.truncate(got);
         Ok(buf)
     }
@@ -1022,7 +1026,6 @@ impl Core {
 
     /// Backing file identity `(dev, ino)` of a region, for attach accounting.
     pub fn backing_identity(&self, store: Store, ino: u64) -> Option<(u64, u64)> {
-        let st = kfd::stat(&self.stores.path(store, ino)).ok()?;
-        Some((st.dev, st.ino))
+        self.stores.identity(store, ino)
     }
 }
