@@ -199,16 +199,25 @@ fn parse_smaps_vmas(text: &str, keep: impl Fn(&MapsEntry) -> bool) -> Vec<SmapsV
 /// # Errors
 /// Reading `/proc`.
 pub fn mappers_of(files: &[(u64, u64)]) -> io::Result<Vec<Mapper>> {
-    let mut out = Vec::new();
+    let mut pids = Vec::new();
     for entry in std::fs::read_dir("/proc")? {
         let Ok(entry) = entry else { continue };
-        let Some(pid) = entry
+        if let Some(pid) = entry
             .file_name()
             .to_str()
             .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
+        {
+            pids.push(pid);
+        }
+    }
+    Ok(mappers_among(&pids, files))
+}
+
+/// [`mappers_of`] among the processes `pids` only (reads their `/proc/PID/maps` and
+/// nothing else). Processes that are gone are skipped.
+pub fn mappers_among(pids: &[u32], files: &[(u64, u64)]) -> Vec<Mapper> {
+    let mut out = Vec::new();
+    for &pid in pids {
         let Ok(mut vmas) = maps(pid) else { continue };
         vmas.retain(|v| files.contains(&(v.dev, v.ino)));
         if !vmas.is_empty() {
@@ -218,7 +227,7 @@ pub fn mappers_of(files: &[(u64, u64)]) -> io::Result<Vec<Mapper>> {
             out.push(Mapper { pid, comm, vmas });
         }
     }
-    Ok(out)
+    out
 }
 
 /// A process that maps a file.
@@ -330,6 +339,9 @@ mod tests {
         let found = mappers_of(&[(st.dev, st.ino)]).unwrap();
         let me = found.iter().find(|p| p.pid == std::process::id()).unwrap();
         assert_eq!(me.bytes(), 1 << 20);
+        let among = mappers_among(&[std::process::id(), u32::MAX], &[(st.dev, st.ino)]);
+        assert_eq!(among, vec![me.clone()]);
+        assert!(mappers_among(&[1], &[(st.dev, st.ino)]).is_empty());
         drop(m);
         let found = mappers_of(&[(st.dev, st.ino)]).unwrap();
         assert!(found.iter().all(|p| p.pid != std::process::id()));
