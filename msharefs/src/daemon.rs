@@ -257,6 +257,7 @@ fn run_daemon(mnt: &Path, opts: &MountOpts, tell_parent: bool) -> std::io::Resul
     ));
     core.recover();
     crate::shm::recover(&core);
+    crate::attachers::spawn_watcher(core.clone());
     crate::attach::serve(core.clone(), &socket).map_err(|e| at(&socket, e))?;
     crate::shm::spawn_reconciler(core.clone());
     shrinker::spawn(

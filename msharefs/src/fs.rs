@@ -16,6 +16,7 @@ use kernel_glue::mapping::Protection;
 use kernel_glue::{consts, fd as kfd};
 use mshare::{Backing, uapi};
 
+use crate::attachers::Attachers;
 use crate::backing::{Stores, charge};
 use crate::hostmm::HostMm;
 use crate::shm::PosixFiles;
@@ -157,6 +158,8 @@ pub struct Core {
     pub stores: Stores,
     /// Host mappings.
     pub hostmm: HostMm,
+    /// Processes attached to hugetlb regions, for the shrinker (`attachers.rs`).
+    pub attachers: Attachers,
     state_file: PathBuf,
     /// Attach socket path (reported by `MSHAREFS_GET_INFO`).
     pub socket_path: PathBuf,
@@ -208,6 +211,7 @@ impl Core {
             }),
             stores,
             hostmm: HostMm::new(unmap_guard),
+            attachers: Attachers::new(),
             state_file,
             socket_path,
             fuse_dev: OnceLock::new(),
@@ -333,6 +337,7 @@ impl Core {
             if let Some(r) = node.region() {
                 self.posix.forget(ino);
                 self.hostmm.release(ino);
+                self.attachers.forget_region(ino);
                 self.stores.remove(r.store, ino);
                 if let Err(e) = kernel_glue::hugepages::give_back(r.pool_pages) {
                     log::error!(
@@ -966,7 +971,9 @@ impl Core {
 
     /// Checks an attach request and returns the backing descriptor: `fd_ino` is the inode
     /// of the msharefs descriptor the client passed, `acc` its access mode.
-    /// `pid` is the requesting process.
+    /// `pid` is the requesting process (0: unknown); it is registered as attached
+    /// (`attachers.rs`), so the shrinker keeps the tables until it exits or a scan of
+    /// `/proc` shows it no longer maps the region.
     pub fn attach_backing(
         &self,
         fd_ino: u64,
@@ -992,9 +999,13 @@ impl Core {
         self.hostmm
             .ensure(fd_ino, r.size, prot, Some(pid), &self.opener(fd_ino))
             .map_err(|e| errno_of(&e))?;
-        self.stores
+        let fd = self
+            .stores
             .open_file(Store::Hugetlb, fd_ino, prot == Protection::ReadWrite)
-            .map_err(|e| errno_of(&e))
+            .map_err(|e| errno_of(&e))?;
+        self.attachers
+            .register(pid, fd_ino, prot, 0..crate::tablecache::slots_of(r.size));
+        Ok(fd)
     }
 
     /// A copy of the tree for reports.

@@ -19,6 +19,7 @@
 #![forbid(unsafe_code)]
 
 mod attach;
+mod attachers;
 mod backing;
 mod bench;
 mod daemon;

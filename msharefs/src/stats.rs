@@ -338,7 +338,27 @@ pub fn report(core: &Core) -> Report {
         .regions()
         .flat_map(|(n, r)| files_of(n.ino, r.store))
         .collect();
-    let mappers = procfs::mappers_of(&all).unwrap_or_default();
+    let started = std::time::Instant::now();
+    let mappers = procfs::mappers_of(&all);
+    if let Ok(m) = &mappers {
+        // The shrinker's registry learns from this scan too (`attachers.rs`).
+        let hugetlb: HashMap<(u64, u64), u64> = tree
+            .regions()
+            .filter(|(_, r)| r.store == Store::Hugetlb)
+            .filter_map(|(n, _)| {
+                core.backing_identity(Store::Hugetlb, n.ino)
+                    .map(|id| (id, n.ino))
+            })
+            .collect();
+        let scope: Vec<u64> = hugetlb.values().copied().collect();
+        core.attachers.reconcile(
+            started,
+            &scope,
+            None,
+            &crate::attachers::seen_in(m, &hugetlb),
+        );
+    }
+    let mappers = mappers.unwrap_or_default();
     // The flags of the daemon's own host mappings, by (backing file, slot, writable): what
     // an attacher's mapping must match to share the host's tables.
     let mut host_flags: HashMap<((u64, u64), u32, bool), Vec<String>> = HashMap::new();
