@@ -27,9 +27,8 @@ impl Epoll {
         // SAFETY: plain syscall, no pointers.
         let fd = check_retval(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })?;
         // SAFETY: the kernel just returned `fd` and nobody else owns it.
-        Ok(Epoll {
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
-        })
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(Epoll { fd })
     }
 
     fn ctl(&self, op: i32, fd: impl AsFd, token: u64) -> io::Result<()> {
