@@ -19,7 +19,7 @@ use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use kernel_glue::errnos::*;
 use kernel_glue::mapping::{Mapping, Protection};
@@ -44,24 +44,31 @@ pub struct Stores {
 /// everything done with a backing is `mmap`, `fallocate`, `ftruncate` and positional
 /// reads and writes (hugetlbfs refuses `O_DIRECT`).
 ///
-/// Read-only attachers (and the read-only host set) need a read-only description, since
-/// the access mode of a description is fixed: a second descriptor, opened once by reopening
-/// the first through `/proc/self/fd` (the same inode, whatever the path) and then held.
-/// Reopening on every read-only attach instead would cost a path walk and an `open` per
-/// attach; holding it costs one descriptor per region that has had a read-only attacher.
+/// Read-only attachers of hugetlb regions (and the read-only host set) need a read-only
+/// description, since the access mode of a description is fixed: a second descriptor,
+/// opened with the first by reopening it through `/proc/self/fd` (the same inode, whatever
+/// the path) and held with it. Reopening on every read-only attach instead would cost a
+/// path walk and an `open` per attach; holding it costs one descriptor per hugetlb region.
+/// thp and shmem backings are never handed to attachers (passthrough takes the read-write
+/// one), so they hold one descriptor.
 #[derive(Debug)]
 pub struct BackingFile {
     rw: OwnedFd,
-    ro: OnceLock<OwnedFd>,
+    /// hugetlb only.
+    ro: Option<OwnedFd>,
     id: (u64, u64),
 }
 
 impl BackingFile {
-    fn new(rw: OwnedFd) -> io::Result<BackingFile> {
+    fn new(s: Store, rw: OwnedFd) -> io::Result<BackingFile> {
         let st = kfd::fstat(&rw)?;
+        let ro = match s {
+            Store::Hugetlb => Some(kfd::reopen(&rw, consts::O_RDONLY)?),
+            Store::Thp | Store::Shmem => None,
+        };
         Ok(BackingFile {
             rw,
-            ro: OnceLock::new(),
+            ro,
             id: (st.dev, st.ino),
         })
     }
@@ -77,21 +84,17 @@ impl BackingFile {
     }
 
     /// A descriptor of the file for a client or a mapping: a duplicate of the held
-    /// read-write descriptor, or of the read-only one (opened on first use).
+    /// read-write descriptor, or of the read-only one (thp and shmem: a new read-only
+    /// one).
     ///
     /// # Errors
-    /// `EMFILE`; reopening errors on the first read-only use.
+    /// `EMFILE`; reopening errors.
     pub fn descriptor(&self, write: bool) -> io::Result<OwnedFd> {
-        if write {
-            return self.rw.try_clone();
+        match (write, &self.ro) {
+            (true, _) => self.rw.try_clone(),
+            (false, Some(ro)) => ro.try_clone(),
+            (false, None) => kfd::reopen(&self.rw, consts::O_RDONLY),
         }
-        if let Some(ro) = self.ro.get() {
-            return ro.try_clone();
-        }
-        let ro = kfd::reopen(&self.rw, consts::O_RDONLY)?;
-        // Two first read-only uses at once: one of the reopened descriptors is kept.
-        let _ = self.ro.set(ro);
-        self.ro.get().expect("set above").try_clone()
     }
 }
 
@@ -184,7 +187,7 @@ impl Stores {
         kfd::fchmod(&fd, mode & 0o7777)?;
         kfd::fchown(&fd, uid, gid)?;
         self.files()
-            .insert((s, ino), Arc::new(BackingFile::new(fd)?));
+            .insert((s, ino), Arc::new(BackingFile::new(s, fd)?));
         Ok(())
     }
 
@@ -198,11 +201,8 @@ impl Stores {
         if let Some(f) = files.get(&(s, ino)) {
             return Ok(f.clone());
         }
-        let f = Arc::new(BackingFile::new(kfd::open(
-            &self.path(s, ino),
-            consts::O_RDWR,
-            0,
-        )?)?);
+        let fd = kfd::open(&self.path(s, ino), consts::O_RDWR, 0)?;
+        let f = Arc::new(BackingFile::new(s, fd)?);
         files.insert((s, ino), f.clone());
         Ok(f)
     }
