@@ -6,9 +6,11 @@
 //! - of exits from the pidfds: one thread waits on all of them ([`spawn_watcher`], epoll)
 //!   and forgets a process when its pidfd becomes readable (it exited);
 //! - from `/proc/PID/maps`, rarely ([`Attachers::reconcile`], fed by the shrinker's scans
-//!   and by each `msharefs stat`): a scan adds the mappers the socket never saw (a process
-//!   forked from an attacher, a root process mapping a backing file by hand) and forgets
-//!   registrations of processes that unmapped without exiting.
+//!   and by each `msharefs stat`): each registration is checked once, [`SETTLE`] after it
+//!   (the maps of that process only: one that was given a backing but did not map it is
+//!   forgotten); a scan of every process adds the mappers the socket never saw (a process
+//!   forked from an attacher, a root process mapping a backing file by hand); and a scan
+//!   forgets registrations of processes that unmapped without exiting.
 //!
 //! The view may only be wrong towards "attached": a process is forgotten when it exited, or
 //! when a scan that began at least [`SETTLE`] after its registration did not find it
@@ -51,6 +53,8 @@ struct Holding {
     slots: Slots,
     /// When the socket registered it or a scan first found it.
     since: Instant,
+    /// A scan found it mapped (a registration is checked once, [`SETTLE`] after it).
+    confirmed: bool,
 }
 
 /// A tracked process.
@@ -78,8 +82,8 @@ impl Proc {
 struct State {
     procs: HashMap<u32, Proc>,
     counter: u64,
-    /// Start of the last scan reconciled.
-    last_scan: Option<Instant>,
+    /// Start of the last scan of every process reconciled.
+    last_full_scan: Option<Instant>,
 }
 
 /// The registry of attached processes.
@@ -182,8 +186,10 @@ impl Attachers {
         let h = p.holds.entry(ino).or_insert_with(|| Holding {
             slots: Vec::new(),
             since: Instant::now(),
+            confirmed: false,
         });
         h.since = Instant::now();
+        h.confirmed = false;
         if !h.slots.contains(&(prot, slots.clone())) {
             h.slots.push((prot, slots));
         }
@@ -226,6 +232,26 @@ impl Attachers {
             .collect()
     }
 
+    /// The registrations due for their check (made at least [`SETTLE`] before `now` and not
+    /// yet found mapped): their processes, and every region those hold.
+    pub fn unconfirmed(&self, now: Instant) -> (Vec<u32>, Vec<u64>) {
+        let st = self.lock();
+        let mut pids = Vec::new();
+        let mut inos = Vec::new();
+        for (&pid, p) in &st.procs {
+            if p.holds
+                .values()
+                .any(|h| !h.confirmed && h.since + SETTLE <= now)
+            {
+                pids.push(pid);
+                inos.extend(p.holds.keys().copied());
+            }
+        }
+        inos.sort_unstable();
+        inos.dedup();
+        (pids, inos)
+    }
+
     /// Processes tracked, and how many of them through a pidfd.
     pub fn counts(&self) -> (usize, usize) {
         let st = self.lock();
@@ -233,9 +259,9 @@ impl Attachers {
         (st.procs.len(), watched)
     }
 
-    /// When the last scan reconciled began.
-    pub fn last_scan(&self) -> Option<Instant> {
-        self.lock().last_scan
+    /// When the last scan of every process reconciled began.
+    pub fn last_full_scan(&self) -> Option<Instant> {
+        self.lock().last_full_scan
     }
 
     /// Forgets region `ino` (it was removed).
@@ -250,12 +276,20 @@ impl Attachers {
     }
 
     /// Takes the result of a scan of `/proc/PID/maps` that began at `started` and looked
-    /// for the regions `scope` in the processes `pids` (`None`: every process): `seen` is
+    /// for the regions `scope` in the processes for which `read(pid)` is true (those whose
+    /// maps it read; one that was gone counts as read); `full`: in every process. `seen` is
     /// every mapping of them it found. Registrations of those regions by those processes
     /// it did not find are forgotten, unless younger than [`SETTLE`] at the scan's start;
     /// mappings it found replace what the socket registered, and mappers the registry did
     /// not know are tracked from now on.
-    pub fn reconcile(&self, started: Instant, scope: &[u64], pids: Option<&[u32]>, seen: &[Seen]) {
+    pub fn reconcile(
+        &self,
+        started: Instant,
+        scope: &[u64],
+        read: impl Fn(u32) -> bool,
+        full: bool,
+        seen: &[Seen],
+    ) {
         let mut found: HashMap<(u32, u64), Slots> = HashMap::new();
         for (pid, ino, prot, slots) in seen {
             found
@@ -265,7 +299,7 @@ impl Attachers {
         }
         let mut st = self.lock();
         for (&pid, p) in st.procs.iter_mut() {
-            if pids.is_some_and(|v| !v.contains(&pid)) {
+            if !read(pid) {
                 continue;
             }
             for ino in scope {
@@ -274,6 +308,7 @@ impl Attachers {
                 };
                 if let Some(slots) = found.remove(&(pid, *ino)) {
                     h.slots = slots;
+                    h.confirmed = true;
                 } else if h.since + SETTLE <= started {
                     p.holds.remove(ino);
                 }
@@ -286,16 +321,17 @@ impl Attachers {
             }
             if let Some(p) = self.entry(&mut st, pid) {
                 log::debug!("process {pid} maps region {ino} without having asked the socket");
-                p.holds.insert(
-                    ino,
-                    Holding {
-                        slots,
-                        since: started,
-                    },
-                );
+                let h = Holding {
+                    slots,
+                    since: started,
+                    confirmed: true,
+                };
+                p.holds.insert(ino, h);
             }
         }
-        st.last_scan = Some(st.last_scan.map_or(started, |t| t.max(started)));
+        if full {
+            st.last_full_scan = Some(st.last_full_scan.map_or(started, |t| t.max(started)));
+        }
         drop(st);
         self.changed();
     }
@@ -408,26 +444,46 @@ mod tests {
     fn scans_forget_only_settled_registrations_and_add_strangers() {
         let a = Attachers::new();
         let (mut x, mut y) = (sleeper(), sleeper());
+        let all = |_: u32| true;
         a.register(x.id(), 1, RW, 0..4);
         let now = Instant::now();
         // A scan that began before the registration settled keeps it...
-        a.reconcile(now, &[1], None, &[]);
+        a.reconcile(now, &[1], all, true, &[]);
         assert_eq!(pids(&a, 1), vec![x.id()]);
-        // ...and a later one that does not see it forgets it; one that sees y adds it with
-        // the slots it maps.
-        a.reconcile(now + SETTLE, &[1], None, &[(y.id(), 1, RW, 1..2)]);
+        // ...and so does a later one that could not read x's maps...
+        a.reconcile(now + SETTLE, &[1], |p| p != x.id(), true, &[]);
+        assert_eq!(pids(&a, 1), vec![x.id()]);
+        // ...but one that read them and did not see it forgets it; one that sees y adds it
+        // with the slots it maps.
+        a.reconcile(now + SETTLE, &[1], all, true, &[(y.id(), 1, RW, 1..2)]);
         assert_eq!(a.observed(1), vec![(y.id(), RW, 1..2)]);
         assert_eq!(a.counts(), (1, 1));
         // Regions and processes outside the scan's scope are left alone.
         a.register(x.id(), 2, RW, 0..1);
-        a.reconcile(now + 2 * SETTLE, &[1], None, &[(y.id(), 1, RW, 1..2)]);
+        a.reconcile(now + 2 * SETTLE, &[1], all, true, &[(y.id(), 1, RW, 1..2)]);
         assert_eq!(pids(&a, 2), vec![x.id()]);
-        a.reconcile(now + 2 * SETTLE, &[2], Some(&[y.id()]), &[]);
+        let only_y = |p: u32| p == y.id();
+        a.reconcile(now + 2 * SETTLE, &[2], only_y, false, &[]);
         assert_eq!(pids(&a, 2), vec![x.id()]);
         assert_eq!(a.holders(&[1, 2]).len(), 2);
+        // x's registration of 2 is due for its check once settled; y's was found by a scan.
+        assert_eq!(a.unconfirmed(Instant::now()), (vec![], vec![]));
+        let due = a.unconfirmed(Instant::now() + SETTLE);
+        assert_eq!(due, (vec![x.id()], vec![2]));
+        let seen = [(x.id(), 2, RW, 0..1)];
+        a.reconcile(
+            Instant::now() + SETTLE,
+            &due.1,
+            |p| due.0.contains(&p),
+            false,
+            &seen,
+        );
+        assert_eq!(a.unconfirmed(Instant::now() + SETTLE), (vec![], vec![]));
+        assert_eq!(pids(&a, 2), vec![x.id()]);
         a.forget_region(2);
         assert_eq!(a.counts(), (1, 1));
-        assert_eq!(a.last_scan(), Some(now + 2 * SETTLE));
+        // Only scans of every process count as full scans.
+        assert_eq!(a.last_full_scan(), Some(now + 2 * SETTLE));
         for c in [&mut x, &mut y] {
             c.kill().unwrap();
             c.wait().unwrap();

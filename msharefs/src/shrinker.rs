@@ -11,6 +11,8 @@
 //! nothing while nothing changes, and reads the memory pressure. It reads `/proc`
 //! only
 //!
+//! - once per attach, [`attachers::SETTLE`] after it: the maps of that process, so one
+//!   that was given a backing but never mapped it is forgotten;
 //! - right before it releases anything: every `/proc/PID/maps` (one pass for all
 //!   regions), because the registry does not know every mapper (a child that inherited an
 //!   attachment across `fork` outlives its parent, a root process maps a backing file by
@@ -69,9 +71,12 @@ type Synced = (u64, Vec<(u64, bool)>);
 #[derive(Debug, Default)]
 struct Shrinker {
     synced: Option<Synced>,
-    /// When the shrinker's own last scan began (`msharefs stat`'s do not count: the scan
-    /// before a release must be the shrinker's own, after the slot became idle).
-    last_own_scan: Option<Instant>,
+    /// When the shrinker's own last scan of every process began (`msharefs stat`'s do not
+    /// count: the scan before a release must be the shrinker's own, after the slot became
+    /// idle).
+    last_full: Option<Instant>,
+    /// When it last read the maps of every registered attacher.
+    last_check: Option<Instant>,
 }
 
 impl Shrinker {
@@ -102,32 +107,39 @@ impl Shrinker {
     }
 
     fn tick(&mut self, core: &Core, policy: &Policy) {
+        let now = Instant::now();
+        // Each registration is checked once, when settled: the maps of its process only.
+        let (pids, inos) = core.attachers.unconfirmed(now);
+        if !pids.is_empty() {
+            scan(core, &inos, Some(&pids));
+        }
         let regions = core.hostmm.cached_regions();
         if regions.is_empty() {
             return;
         }
         self.sync(core, &regions);
         let pressure = procfs::memory_pressure().map_or(0.0, |p| p.some_avg10);
-        let since = |t: Option<Instant>| t.map_or(Duration::MAX, |t| t.elapsed());
+        let since =
+            |t: Option<Instant>| t.map_or(Duration::MAX, |t| now.saturating_duration_since(t));
         let inos: Vec<u64> = regions.iter().map(|&(ino, _)| ino).collect();
         let may_release = policy.table_budget.is_some() || pressure > policy.psi_threshold;
-        let wanted = core.hostmm.would_release(policy, pressure);
-        // Any scan reconciles, `msharefs stat`'s too.
-        let due = may_release && since(core.attachers.last_scan()) >= RECONCILE_EVERY;
-        if !(wanted || due) || since(self.last_own_scan) < MIN_SCAN_GAP {
-            return;
-        }
-        self.last_own_scan = Some(Instant::now());
-        if wanted {
+        if core.hostmm.would_release(policy, pressure) {
+            if since(self.last_full) < MIN_SCAN_GAP {
+                return;
+            }
             // Only a scan of every process may let a table go: it finds mappers the
             // registry does not know.
+            self.last_full = Some(now);
             if scan(core, &inos, None) {
                 self.sync(core, &regions);
                 core.hostmm.shrink(policy, pressure);
             }
-        } else {
+        } else if may_release
+            && since(self.last_check.max(core.attachers.last_full_scan())) >= RECONCILE_EVERY
+        {
             // Registered processes that unmapped without exiting: reading their maps is
             // enough to forget them; the release waits for the full scan of a later tick.
+            self.last_check = Some(now);
             let holders = core.attachers.holders(&inos);
             if !holders.is_empty() {
                 scan(core, &inos, Some(&holders));
@@ -149,7 +161,7 @@ pub fn scan(core: &Core, inos: &[u64], pids: Option<&[u32]>) -> bool {
         .collect();
     let ids: Vec<(u64, u64)> = files.keys().copied().collect();
     let started = Instant::now();
-    let mappers = match pids {
+    let scanned = match pids {
         Some(pids) => procfs::mappers_among(pids, &ids),
         None => match procfs::mappers_of(&ids) {
             Ok(m) => m,
@@ -157,14 +169,18 @@ pub fn scan(core: &Core, inos: &[u64], pids: Option<&[u32]>) -> bool {
         },
     };
     let scope: Vec<u64> = files.values().copied().collect();
-    let seen = attachers::seen_in(&mappers, &files);
-    core.attachers.reconcile(started, &scope, pids, &seen);
+    let seen = attachers::seen_in(&scanned.found, &files);
+    // A process whose maps could not be read keeps what it has.
+    let read =
+        |pid: u32| pids.is_none_or(|p| p.contains(&pid)) && !scanned.unreadable.contains(&pid);
+    core.attachers
+        .reconcile(started, &scope, read, pids.is_none(), &seen);
     let (tracked, watched) = core.attachers.counts();
     log::debug!(
         "shrinker: scanned /proc in {:?}: {} mappers; {tracked} attachers registered, \
          {watched} with a pidfd",
         started.elapsed(),
-        mappers.len()
+        scanned.found.len()
     );
     true
 }

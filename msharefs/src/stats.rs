@@ -365,8 +365,8 @@ pub fn report(core: &Core) -> Report {
         .flat_map(|(n, r)| files_of(n.ino, r.store))
         .collect();
     let started = std::time::Instant::now();
-    let mappers = procfs::mappers_of(&all);
-    if let Ok(m) = &mappers {
+    let scanned = procfs::mappers_of(&all);
+    if let Ok(m) = &scanned {
         // The shrinker's registry learns from this scan too (`attachers.rs`).
         let hugetlb: HashMap<(u64, u64), u64> = tree
             .regions()
@@ -377,14 +377,11 @@ pub fn report(core: &Core) -> Report {
             })
             .collect();
         let scope: Vec<u64> = hugetlb.values().copied().collect();
-        core.attachers.reconcile(
-            started,
-            &scope,
-            None,
-            &crate::attachers::seen_in(m, &hugetlb),
-        );
+        let seen = crate::attachers::seen_in(&m.found, &hugetlb);
+        let read = |pid: u32| !m.unreadable.contains(&pid);
+        core.attachers.reconcile(started, &scope, read, true, &seen);
     }
-    let mappers = mappers.unwrap_or_default();
+    let mappers = scanned.map(|m| m.found).unwrap_or_default();
     // The flags of the daemon's own host mappings, by (backing file, slot, writable): what
     // an attacher's mapping must match to share the host's tables.
     let mut host_flags: HashMap<((u64, u64), u32, bool), Vec<String>> = HashMap::new();
