@@ -13,7 +13,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 
 use kernel_glue::PUD_SIZE;
 use kernel_glue::procfs::{self, MapsEntry};
@@ -55,6 +55,7 @@ pub struct RegionReport {
     pub size: u64,
     /// The cgroup directory its memory is charged to (the sizing process's, under the
     /// backing's controller); `null` when none accounts for it.
+    #[serde(deserialize_with = "present")]
     pub cgroup: Option<String>,
     /// Objects created by ioctl.
     pub objects: usize,
@@ -116,6 +117,7 @@ pub struct UserUsage {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct QuotaReport {
     /// Bytes each non-root owner may hold; `null`: no limit. Root is exempt.
+    #[serde(deserialize_with = "present")]
     pub limit_bytes: Option<u64>,
     /// Every uid that owns a region, in uid order (root included, for information).
     pub users: Vec<UserUsage>,
@@ -132,6 +134,12 @@ pub struct Report {
     pub totals: Totals,
     /// The per-user quota and its use.
     pub quota: QuotaReport,
+}
+
+/// An `Option` field that must be in the JSON (`null` or a value): serde would read a
+/// missing one as `None`, so a renamed `limit_bytes` would print "quota: none".
+fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    Option::<T>::deserialize(d)
 }
 
 /// What the daemon answers instead of a report (to a caller that is not root).
@@ -581,6 +589,14 @@ mod tests {
             .replace("\"pt_bytes\":", "\"pt_bytes_used\":");
         let e = Report::from_reply(&json).unwrap_err();
         assert!(e.contains("missing field `pt_bytes`"), "{e}");
+        // Optional values too: `null` is a value, a missing field is an error.
+        for (field, renamed) in [("limit_bytes", "limit"), ("cgroup", "cg")] {
+            let json = serde_json::to_string(&sample())
+                .unwrap()
+                .replace(&format!("\"{field}\":"), &format!("\"{renamed}\":"));
+            let e = Report::from_reply(&json).unwrap_err();
+            assert!(e.contains(&format!("missing field `{field}`")), "{e}");
+        }
         assert_eq!(
             Report::from_reply(r#"{"error":"permission denied: msharefs stat needs root"}"#),
             Err("permission denied: msharefs stat needs root".into())
