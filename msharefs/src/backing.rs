@@ -42,7 +42,9 @@ pub struct Stores {
 /// share the daemon's open file description: status flags a client sets with `F_SETFL`
 /// (`O_NONBLOCK`, `O_APPEND`, `O_ASYNC`) are shared, which changes nothing here, because
 /// everything done with a backing is `mmap`, `fallocate`, `ftruncate` and positional
-/// reads and writes (hugetlbfs refuses `O_DIRECT`).
+/// reads and writes (hugetlbfs refuses `O_DIRECT`). `flock(2)` locks belong to the
+/// description too, so attachers of one region cannot exclude each other with `flock` on
+/// their backing descriptors (as after a `dup`); msharefs takes none.
 ///
 /// Read-only attachers of hugetlb regions (and the read-only host set) need a read-only
 /// description, since the access mode of a description is fixed: a second descriptor,
