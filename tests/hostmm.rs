@@ -1,12 +1,15 @@
 //! The host mm through a real mount: cached shared tables serve the first attacher and
 //! attachers after everyone left; the table budget releases idle tables without touching
-//! data; `msharefs stat` follows attaching, detaching and killed processes.
+//! data, and keeps the tables of a slot someone maps without having asked the attach
+//! socket; `msharefs stat` follows attaching, detaching and killed processes.
 
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use kernel_glue::mapping::Protection;
 use msharefs_tests::mountguard::Msharefs;
-use msharefs_tests::{Attach, PoolGuard, Probe, loud, probe_bin, require_privileged};
+use msharefs_tests::{Attach, Helper, PoolGuard, Probe, loud, probe_bin, require_privileged};
 
 const GIB: u64 = 1 << 30;
 
@@ -156,6 +159,48 @@ fn zero_table_budget_releases_idle_tables_and_keeps_data() {
     let r = region(&fs.stat(), "/pool").clone();
     assert_eq!(r["tables_cached"], serde_json::json!(["rw"]), "{r}");
     holder.finish().unwrap();
+    wait_for(&fs, "/pool", Duration::from_secs(30), |r| {
+        r["rw_slots_cached"] == 0
+    });
+}
+
+#[test]
+#[ignore = "needs root: mounts msharefs (FUSE) and uses huge pages"]
+fn a_mapper_unknown_to_the_socket_keeps_the_tables() {
+    if !require_privileged("a_mapper_unknown_to_the_socket_keeps_the_tables") {
+        return;
+    }
+    let _pool = PoolGuard::new();
+    let fs = Msharefs::mount(
+        "hostmm-stranger",
+        &["--backing", "hugetlb", "--table-budget", "0"],
+    );
+    let p = fs.path("pool");
+    // Held open (an open handle keeps the tables) until the stranger has mapped it.
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&p)
+        .unwrap();
+    f.set_len(GIB).unwrap();
+    let ino = f.metadata().unwrap().ino();
+    let backing = fs.state_dir().join(format!("backing/hugetlb/{ino}"));
+    // A root process maps the backing file by hand, at a 1 GiB boundary: the daemon's
+    // attach socket never hears of it.
+    let ops = Path::new(env!("CARGO_BIN_EXE_mshare-ops"));
+    let mut stranger = Helper::spawn("raw mapper", ops, [Path::new("--raw"), &backing]).unwrap();
+    let v = stranger.read_json(Duration::from_secs(30)).unwrap();
+    assert!(v.get("error").is_none(), "{v}");
+    drop(f);
+    // With nobody attached the tables would go within seconds (the test above); the
+    // shrinker's scan of /proc before it releases anything finds the stranger.
+    std::thread::sleep(Duration::from_secs(15));
+    let r = region(&fs.stat(), "/pool").clone();
+    assert_eq!(r["tables_cached"], serde_json::json!(["rw"]), "{r}");
+    assert_eq!(pids(&r), vec![stranger.pid() as u64]);
+    // Its exit reaches the daemon through the pidfd the scan opened; then they go.
+    stranger.finish(Duration::from_secs(30)).unwrap();
     wait_for(&fs, "/pool", Duration::from_secs(30), |r| {
         r["rw_slots_cached"] == 0
     });

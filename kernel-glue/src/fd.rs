@@ -233,6 +233,40 @@ pub fn open(path: &Path, flags: i32, mode: u32) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// Opens the file `fd` refers to again, through its `/proc/self/fd` link, with `flags`
+/// (`O_CLOEXEC` added): a new open file description of the same inode, whatever its path
+/// now is (a reopen with less access than `fd` has, e.g. read-only from read-write).
+///
+/// # Errors
+/// The kernel's errno (`EACCES` when the caller may not open the file with `flags`).
+pub fn reopen(fd: impl AsFd, flags: i32) -> io::Result<OwnedFd> {
+    let path = format!("/proc/self/fd/{}", fd.as_fd().as_raw_fd());
+    open(Path::new(&path), flags, 0)
+}
+
+/// Safe wrapper for `poll(2)` of one descriptor with a zero timeout: whether it is
+/// readable now (`POLLIN`; also true on `POLLHUP`/`POLLERR`). A pidfd is readable once its
+/// process has exited.
+///
+/// # Errors
+/// The kernel's errno (`EINTR` is retried).
+pub fn readable(fd: impl AsFd) -> io::Result<bool> {
+    let mut p = libc::pollfd {
+        fd: fd.as_fd().as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    loop {
+        // SAFETY: `p` is one valid pollfd for the duration of the call.
+        match check_retval(unsafe { libc::poll(&mut p, 1, 0) }) {
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+            Err(e) => return Err(e),
+            Ok(0) => return Ok(false),
+            Ok(_) => return Ok(p.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0),
+        }
+    }
+}
+
 /// Safe wrapper for `ioctl(2)` with a pointer argument whose size is encoded in `cmd`.
 ///
 /// The size bits of `cmd` (`_IOC_SIZE`) must equal `size_of::<T>()`, so the kernel never
@@ -445,6 +479,16 @@ mod tests {
         let e = fallocate(&fd, u64::MAX, 1).unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::EINVAL));
         assert!(memfd_create("a\0b", false).is_err());
+    }
+
+    #[test]
+    fn reopen_gives_a_new_description_of_the_same_file() {
+        let fd = memfd_create("kg-test", false).unwrap();
+        let ro = reopen(&fd, libc::O_RDONLY).unwrap();
+        let (a, b) = (fstat(&fd).unwrap(), fstat(&ro).unwrap());
+        assert_eq!((a.dev, a.ino), (b.dev, b.ino));
+        assert_eq!(fcntl_getfl(&ro).unwrap() & libc::O_ACCMODE, libc::O_RDONLY);
+        assert!(readable(&ro).unwrap(), "a file is always readable");
     }
 
     #[test]

@@ -10,6 +10,7 @@
 
 pub mod caps;
 pub mod cgroup;
+pub mod epoll;
 pub mod fd;
 pub mod hugepages;
 pub mod ipc;
@@ -66,8 +67,8 @@ pub mod errnos {
     pub use libc::{
         E2BIG, EACCES, EBADF, EBUSY, ECONNABORTED, ECONNREFUSED, EDQUOT, EEXIST, EFAULT, EIDRM,
         EINVAL, EIO, EISDIR, ENAMETOOLONG, ENODATA, ENODEV, ENOENT, ENOMEM, ENOSPC, ENOSYS,
-        ENOTCONN, ENOTDIR, ENOTEMPTY, ENOTTY, EOPNOTSUPP, EOVERFLOW, EPERM, ERANGE, EROFS, ESTALE,
-        EXDEV,
+        ENOTCONN, ENOTDIR, ENOTEMPTY, ENOTTY, EOPNOTSUPP, EOVERFLOW, EPERM, ERANGE, EROFS, ESRCH,
+        ESTALE, EXDEV,
     };
 }
 

@@ -195,31 +195,57 @@ fn parse_smaps_vmas(text: &str, keep: impl Fn(&MapsEntry) -> bool) -> Vec<SmapsV
 
 /// Every process (pid, command name) that maps any of the files `(dev, ino)` in `files`,
 /// with the VMAs that map them: one pass over `/proc` answers for many files. Processes
-/// that vanish during the scan are skipped.
+/// that vanish during the scan are skipped; those whose maps cannot be read are listed.
 ///
 /// # Errors
 /// Reading `/proc`.
-pub fn mappers_of(files: &[(u64, u64)]) -> io::Result<Vec<Mapper>> {
-    let mut out = Vec::new();
+pub fn mappers_of(files: &[(u64, u64)]) -> io::Result<Mappers> {
+    let mut pids = Vec::new();
     for entry in std::fs::read_dir("/proc")? {
         let Ok(entry) = entry else { continue };
-        let Some(pid) = entry
+        if let Some(pid) = entry
             .file_name()
             .to_str()
             .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
+        {
+            pids.push(pid);
+        }
+    }
+    Ok(mappers_among(&pids, files))
+}
+
+/// What a scan of `/proc/PID/maps` found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Mappers {
+    /// The processes that map one of the files.
+    pub found: Vec<Mapper>,
+    /// Processes that exist but whose maps could not be read (`EACCES`, `EPERM`, ...):
+    /// whether they map the files is unknown.
+    pub unreadable: Vec<u32>,
+}
+
+/// [`mappers_of`] among the processes `pids` only (reads their `/proc/PID/maps` and
+/// nothing else). Processes that are gone are skipped.
+pub fn mappers_among(pids: &[u32], files: &[(u64, u64)]) -> Mappers {
+    let mut out = Mappers::default();
+    for &pid in pids {
+        let mut vmas = match maps(pid) {
+            Ok(v) => v,
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ESRCH)) => continue,
+            Err(_) => {
+                out.unreadable.push(pid);
+                continue;
+            }
         };
-        let Ok(mut vmas) = maps(pid) else { continue };
         vmas.retain(|v| files.contains(&(v.dev, v.ino)));
         if !vmas.is_empty() {
             let comm = std::fs::read_to_string(format!("/proc/{pid}/comm"))
                 .map(|s| s.trim_end().to_string())
                 .unwrap_or_default();
-            out.push(Mapper { pid, comm, vmas });
+            out.found.push(Mapper { pid, comm, vmas });
         }
     }
-    Ok(out)
+    out
 }
 
 /// A process that maps a file.
@@ -361,11 +387,15 @@ mod tests {
             4096,
         )
         .unwrap();
-        let found = mappers_of(&[(st.dev, st.ino)]).unwrap();
+        let found = mappers_of(&[(st.dev, st.ino)]).unwrap().found;
         let me = found.iter().find(|p| p.pid == std::process::id()).unwrap();
         assert_eq!(me.bytes(), 1 << 20);
+        let among = mappers_among(&[std::process::id(), u32::MAX], &[(st.dev, st.ino)]);
+        assert_eq!(among.found, vec![me.clone()]);
+        assert!(among.unreadable.is_empty(), "a gone pid is not unreadable");
+        assert!(mappers_among(&[1], &[(st.dev, st.ino)]).found.is_empty());
         drop(m);
-        let found = mappers_of(&[(st.dev, st.ino)]).unwrap();
+        let found = mappers_of(&[(st.dev, st.ino)]).unwrap().found;
         assert!(found.iter().all(|p| p.pid != std::process::id()));
     }
 

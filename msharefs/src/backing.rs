@@ -8,12 +8,18 @@
 //!
 //! The mounts are kept when the daemon exits: they hold the region data, which must
 //! survive a daemon restart or crash.
+//!
+//! The daemon holds each backing file open ([`BackingFile`]) from the region's creation (or
+//! the daemon's start) to its removal, and works through that descriptor: sizing, reads,
+//! discards, passthrough and attaches never look the file up by path again.
 
 pub mod charge;
 
+use std::collections::HashMap;
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use kernel_glue::errnos::*;
 use kernel_glue::mapping::{Mapping, Protection};
@@ -22,11 +28,76 @@ use kernel_glue::{cgroup, consts, fd as kfd, hugepages};
 
 use crate::state::Store;
 
-/// The three stores of one state directory.
+/// The three stores of one state directory, and the backing files the daemon holds open.
 #[derive(Debug)]
 pub struct Stores {
     root: PathBuf,
     hugetlb: bool,
+    files: Mutex<HashMap<(Store, u64), Arc<BackingFile>>>,
+}
+
+/// A region's backing file, held open by the daemon.
+///
+/// Attachers get duplicates of the held descriptors (`fcntl(F_DUPFD_CLOEXEC)`), so they
+/// share the daemon's open file description: status flags a client sets with `F_SETFL`
+/// (`O_NONBLOCK`, `O_APPEND`, `O_ASYNC`) are shared, which changes nothing here, because
+/// everything done with a backing is `mmap`, `fallocate`, `ftruncate` and positional
+/// reads and writes (hugetlbfs refuses `O_DIRECT`). `flock(2)` locks belong to the
+/// description too, so attachers of one region cannot exclude each other with `flock` on
+/// their backing descriptors (as after a `dup`); msharefs takes none.
+///
+/// Read-only attachers of hugetlb regions (and the read-only host set) need a read-only
+/// description, since the access mode of a description is fixed: a second descriptor,
+/// opened with the first by reopening it through `/proc/self/fd` (the same inode, whatever
+/// the path) and held with it. Reopening on every read-only attach instead would cost a
+/// path walk and an `open` per attach; holding it costs one descriptor per hugetlb region.
+/// thp and shmem backings are never handed to attachers (passthrough takes the read-write
+/// one), so they hold one descriptor.
+#[derive(Debug)]
+pub struct BackingFile {
+    rw: OwnedFd,
+    /// hugetlb only.
+    ro: Option<OwnedFd>,
+    id: (u64, u64),
+}
+
+impl BackingFile {
+    fn new(s: Store, rw: OwnedFd) -> io::Result<BackingFile> {
+        let st = kfd::fstat(&rw)?;
+        let ro = match s {
+            Store::Hugetlb => Some(kfd::reopen(&rw, consts::O_RDONLY)?),
+            Store::Thp | Store::Shmem => None,
+        };
+        Ok(BackingFile {
+            rw,
+            ro,
+            id: (st.dev, st.ino),
+        })
+    }
+
+    /// The held read-write descriptor, for the daemon's own work.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.rw.as_fd()
+    }
+
+    /// `(dev, ino)` of the file, as `/proc/PID/maps` shows its mappings.
+    pub fn id(&self) -> (u64, u64) {
+        self.id
+    }
+
+    /// A descriptor of the file for a client or a mapping: a duplicate of the held
+    /// read-write descriptor, or of the read-only one (thp and shmem: a new read-only
+    /// one).
+    ///
+    /// # Errors
+    /// `EMFILE`; reopening errors.
+    pub fn descriptor(&self, write: bool) -> io::Result<OwnedFd> {
+        match (write, &self.ro) {
+            (true, _) => self.rw.try_clone(),
+            (false, Some(ro)) => ro.try_clone(),
+            (false, None) => kfd::reopen(&self.rw, consts::O_RDONLY),
+        }
+    }
 }
 
 /// All stores, for iteration.
@@ -80,7 +151,16 @@ impl Stores {
             }
             ensure_mounted(&store_dir(&root, s), s)?;
         }
-        Ok(Stores { root, hugetlb })
+        Ok(Stores {
+            root,
+            hugetlb,
+            files: Mutex::default(),
+        })
+    }
+
+    fn files(&self) -> MutexGuard<'_, HashMap<(Store, u64), Arc<BackingFile>>> {
+        // A panic elsewhere must not take the stores down: the map is always consistent.
+        self.files.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The mount point of a store.
@@ -93,7 +173,7 @@ impl Stores {
         self.dir(s).join(ino.to_string())
     }
 
-    /// Creates an empty backing file with the region's mode and owner.
+    /// Creates an empty backing file with the region's mode and owner, and holds it open.
     ///
     /// # Errors
     /// `ENODEV` for hugetlb without hugetlbfs; file creation errors.
@@ -107,20 +187,40 @@ impl Stores {
             mode & 0o7777,
         )?;
         kfd::fchmod(&fd, mode & 0o7777)?;
-        kfd::fchown(&fd, uid, gid)
+        kfd::fchown(&fd, uid, gid)?;
+        self.files()
+            .insert((s, ino), Arc::new(BackingFile::new(s, fd)?));
+        Ok(())
     }
 
-    /// Opens a backing file read-write or read-only.
+    /// A region's backing file: the held one, else (a region the daemon found at start)
+    /// opened read-write by path and held from now on.
     ///
     /// # Errors
     /// Open errors (`ENOENT` when missing).
+    pub fn file(&self, s: Store, ino: u64) -> io::Result<Arc<BackingFile>> {
+        let mut files = self.files();
+        if let Some(f) = files.get(&(s, ino)) {
+            return Ok(f.clone());
+        }
+        let fd = kfd::open(&self.path(s, ino), consts::O_RDWR, 0)?;
+        let f = Arc::new(BackingFile::new(s, fd)?);
+        files.insert((s, ino), f.clone());
+        Ok(f)
+    }
+
+    /// A descriptor of a region's backing file, read-write or read-only (see
+    /// [`BackingFile::descriptor`]).
+    ///
+    /// # Errors
+    /// As [`Stores::file`] and [`BackingFile::descriptor`].
     pub fn open_file(&self, s: Store, ino: u64, write: bool) -> io::Result<OwnedFd> {
-        let flags = if write {
-            consts::O_RDWR
-        } else {
-            consts::O_RDONLY
-        };
-        kfd::open(&self.path(s, ino), flags, 0)
+        self.file(s, ino)?.descriptor(write)
+    }
+
+    /// `(dev, ino)` of a region's backing file, `None` when it cannot be had.
+    pub fn identity(&self, s: Store, ino: u64) -> Option<(u64, u64)> {
+        self.file(s, ino).ok().map(|f| f.id())
     }
 
     /// Mirrors a region's mode and owner onto its backing file.
@@ -135,14 +235,15 @@ impl Stores {
         uid: u32,
         gid: u32,
     ) -> io::Result<()> {
-        let fd = self.open_file(s, ino, false)?;
-        kfd::fchmod(&fd, mode & 0o7777)?;
-        kfd::fchown(&fd, uid, gid)
+        let f = self.file(s, ino)?;
+        kfd::fchmod(f.fd(), mode & 0o7777)?;
+        kfd::fchown(f.fd(), uid, gid)
     }
 
     /// Removes a backing file; processes that still map it keep their pages until they
     /// unmap.
     pub fn remove(&self, s: Store, ino: u64) {
+        self.files().remove(&(s, ino));
         if let Err(e) = std::fs::remove_file(self.path(s, ino)) {
             if e.raw_os_error() != Some(ENOENT) {
                 log::error!("cannot remove backing {}: {e}", self.path(s, ino).display());
@@ -171,12 +272,13 @@ impl Stores {
         size: u64,
         charge: &[PathBuf],
     ) -> io::Result<Reserved> {
-        let fd = self.open_file(s, ino, true)?;
+        let f = self.file(s, ino)?;
+        let fd = f.fd();
         let fill = || {
-            kfd::ftruncate(&fd, size)?;
-            cgroup::fallocate_in(charge, &fd, 0, size).inspect_err(|_| {
+            kfd::ftruncate(fd, size)?;
+            cgroup::fallocate_in(charge, fd, 0, size).inspect_err(|_| {
                 // Frees what the child allocated before it failed.
-                let _ = kfd::ftruncate(&fd, 0);
+                let _ = kfd::ftruncate(fd, 0);
             })
         };
         match s {
@@ -226,11 +328,12 @@ impl Stores {
     ) -> io::Result<()> {
         /// Bytes zeroed per copy.
         const CHUNK: u64 = kernel_glue::HUGE_PAGE_SIZE;
-        let fd = self.open_file(s, ino, true)?;
+        let f = self.file(s, ino)?;
         if !refill {
-            return kfd::fallocate_punch_hole(&fd, offset, len);
+            return kfd::fallocate_punch_hole(f.fd(), offset, len);
         }
-        let m = Mapping::map_range_aligned(&fd, offset, len, Protection::ReadWrite, s.page_size())?;
+        let m =
+            Mapping::map_range_aligned(f.fd(), offset, len, Protection::ReadWrite, s.page_size())?;
         let zeros = vec![0u8; CHUNK.min(len) as usize];
         let mut done = 0;
         while done < len {
@@ -254,12 +357,12 @@ impl Stores {
         len: u64,
         charge: &[PathBuf],
     ) -> io::Result<()> {
-        let fd = self.open_file(s, ino, true)?;
-        match cgroup::fallocate_in(charge, &fd, offset, len) {
+        let f = self.file(s, ino)?;
+        match cgroup::fallocate_in(charge, f.fd(), offset, len) {
             // The region's cgroup is gone: its parent inherited the charges; the daemon
             // pays for the new pages.
             Err(e) if e.raw_os_error() == Some(ENOENT) && !charge.is_empty() => {
-                kfd::fallocate(&fd, offset, len)
+                kfd::fallocate(f.fd(), offset, len)
             }
             r => r,
         }

@@ -203,6 +203,12 @@ fn run_daemon(mnt: &Path, opts: &MountOpts, tell_parent: bool) -> std::io::Resul
         .user_quota
         .limit(|| kernel_glue::procfs::meminfo().map(|m| m.mem_total))
         .map_err(|e| fail(format!("--user-quota {}: {e}", opts.user_quota.to_arg())))?;
+    // One descriptor per backing file and one pidfd per attached process: a service
+    // manager's default soft limit (1,024) would cap regions and attachers.
+    match process::raise_nofile_limit() {
+        Ok(n) => log::debug!("descriptor limit {n}"),
+        Err(e) => log::warn!("cannot raise the descriptor limit: {e}"),
+    }
     state.prepare()?;
     wait_for_previous(mnt, &state)?;
     clear_mountpoint(mnt, &state)?;
@@ -252,6 +258,7 @@ fn run_daemon(mnt: &Path, opts: &MountOpts, tell_parent: bool) -> std::io::Resul
     ));
     core.recover();
     crate::shm::recover(&core);
+    crate::attachers::spawn_watcher(core.clone());
     crate::attach::serve(core.clone(), &socket).map_err(|e| at(&socket, e))?;
     crate::shm::spawn_reconciler(core.clone());
     shrinker::spawn(

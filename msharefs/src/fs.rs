@@ -16,6 +16,7 @@ use kernel_glue::mapping::Protection;
 use kernel_glue::{consts, fd as kfd};
 use mshare_uapi::{self as uapi, Backing};
 
+use crate::attachers::Attachers;
 use crate::backing::{Stores, charge};
 use crate::hostmm::HostMm;
 use crate::shm::PosixFiles;
@@ -157,6 +158,8 @@ pub struct Core {
     pub stores: Stores,
     /// Host mappings.
     pub hostmm: HostMm,
+    /// Processes attached to hugetlb regions, for the shrinker (`attachers.rs`).
+    pub attachers: Attachers,
     state_file: PathBuf,
     /// Attach socket path (reported by `MSHAREFS_GET_INFO`).
     pub socket_path: PathBuf,
@@ -206,6 +209,7 @@ impl Core {
             }),
             stores,
             hostmm: HostMm::new(unmap_guard),
+            attachers: Attachers::new(),
             state_file,
             socket_path,
             fuse_dev: OnceLock::new(),
@@ -250,6 +254,13 @@ impl Core {
         for ino in orphans {
             log::info!("removing region {ino}, unlinked before the last daemon stopped");
             self.destroy(&mut inner, ino);
+        }
+        // Hold every backing file from now on (a missing one is reported by the
+        // operations that need it, as it would have been before).
+        for (n, r) in inner.tree.regions() {
+            if let Err(e) = self.stores.file(r.store, n.ino) {
+                log::error!("region {}: cannot open its backing file: {e}", n.ino);
+            }
         }
         let hugetlb: Vec<(u64, u64)> = inner
             .tree
@@ -324,6 +335,7 @@ impl Core {
             if let Some(r) = node.region() {
                 self.posix.forget(ino);
                 self.hostmm.release(ino);
+                self.attachers.forget_region(ino);
                 self.stores.remove(r.store, ino);
                 if let Err(e) = kernel_glue::hugepages::give_back(r.pool_pages) {
                     log::error!(
@@ -725,11 +737,8 @@ impl Core {
         }
         let n = (len as u64).min(r.length - offset) as usize;
         let mut buf = vec![0u8; n];
-        let fd = self
-            .stores
-            .open_file(r.store, ino, false)
-            .map_err(|e| errno_of(&e))?;
-        let got = kfd::pread_full(&fd, &mut buf, offset).map_err(|e| errno_of(&e))?;
+        let f = self.stores.file(r.store, ino).map_err(|e| errno_of(&e))?;
+        let got = kfd::pread_full(f.fd(), &mut buf, offset).map_err(|e| errno_of(&e))?;
         buf.truncate(got);
         Ok(buf)
     }
@@ -964,7 +973,9 @@ impl Core {
 
     /// Checks an attach request and returns the backing descriptor: `fd_ino` is the inode
     /// of the msharefs descriptor the client passed, `acc` its access mode.
-    /// `pid` is the requesting process.
+    /// `pid` is the requesting process (0: unknown); it is registered as attached
+    /// (`attachers.rs`), so the shrinker keeps the tables until it exits or a scan of
+    /// `/proc` shows it no longer maps the region.
     pub fn attach_backing(
         &self,
         fd_ino: u64,
@@ -990,9 +1001,13 @@ impl Core {
         self.hostmm
             .ensure(fd_ino, r.size, prot, Some(pid), &self.opener(fd_ino))
             .map_err(|e| errno_of(&e))?;
-        self.stores
+        let fd = self
+            .stores
             .open_file(Store::Hugetlb, fd_ino, prot == Protection::ReadWrite)
-            .map_err(|e| errno_of(&e))
+            .map_err(|e| errno_of(&e))?;
+        self.attachers
+            .register(pid, fd_ino, prot, 0..crate::tablecache::slots_of(r.size));
+        Ok(fd)
     }
 
     /// A copy of the tree for reports.
@@ -1024,7 +1039,6 @@ impl Core {
 
     /// Backing file identity `(dev, ino)` of a region, for attach accounting.
     pub fn backing_identity(&self, store: Store, ino: u64) -> Option<(u64, u64)> {
-        let st = kfd::stat(&self.stores.path(store, ino)).ok()?;
-        Some((st.dev, st.ino))
+        self.stores.identity(store, ino)
     }
 }

@@ -383,6 +383,16 @@ impl HostMm {
             .set_attached(ino, observed, Instant::now());
     }
 
+    /// Whether the policy would release any slot now (the shrinker asks `/proc` who maps
+    /// the regions before it lets [`HostMm::shrink`] release them).
+    pub fn would_release(&self, policy: &Policy, pressure: f64) -> bool {
+        !self
+            .lock()
+            .model
+            .victims(policy, pressure, Instant::now())
+            .is_empty()
+    }
+
     /// Releases the slots the policy picks.
     pub fn shrink(&self, policy: &Policy, pressure: f64) {
         let mut host = self.lock();

@@ -19,6 +19,7 @@
 #![forbid(unsafe_code)]
 
 mod attach;
+mod attachers;
 mod backing;
 mod daemon;
 mod fs;
@@ -62,15 +63,14 @@ enum BackingArg {
 }
 
 /// The quota line of `msharefs stat`, from the report's `quota` object.
-fn quota_line(q: &serde_json::Value) -> String {
-    let mib = |x: &serde_json::Value| x.as_u64().unwrap_or(0) >> 20;
-    let limit = match q["limit_bytes"].as_u64() {
-        Some(_) => format!("{} MiB per user (root exempt)", mib(&q["limit_bytes"])),
+fn quota_line(q: &stats::QuotaReport) -> String {
+    let limit = match q.limit_bytes {
+        Some(b) => format!("{} MiB per user (root exempt)", b >> 20),
         None => "none".to_string(),
     };
     let mut line = format!("quota: {limit}");
-    for u in q["users"].as_array().into_iter().flatten() {
-        line += &format!("; uid {}: {} MiB used", u["uid"], mib(&u["used_bytes"]));
+    for u in &q.users {
+        line += &format!("; uid {}: {} MiB used", u.uid, u.used_bytes >> 20);
     }
     line
 }
@@ -154,18 +154,15 @@ fn stat(mountpoint: &std::path::Path, json: bool) -> std::io::Result<()> {
             mnt.display()
         ))
     })?;
-    let v: serde_json::Value = serde_json::from_str(&body).map_err(std::io::Error::other)?;
-    if let Some(e) = v.get("error") {
-        return Err(std::io::Error::other(e.to_string()));
-    }
+    let report = stats::Report::from_reply(&body).map_err(std::io::Error::other)?;
     if json {
         println!(
             "{}",
-            serde_json::to_string_pretty(&v).map_err(std::io::Error::other)?
+            serde_json::to_string_pretty(&report).map_err(std::io::Error::other)?
         );
         return Ok(());
     }
-    let mib = |x: &serde_json::Value| x.as_u64().unwrap_or(0) as f64 / (1 << 20) as f64;
+    let mib = |x: u64| x as f64 / (1 << 20) as f64;
     println!(
         "{:<32} {:>8} {:>10} {:>4} {:>5} {:>8} {:>7} {:>11} {:>11} {:>11}",
         "REGION",
@@ -179,45 +176,36 @@ fn stat(mountpoint: &std::path::Path, json: bool) -> std::io::Result<()> {
         "4K-PT(MiB)",
         "SAVED(MiB)"
     );
-    for r in v["regions"].as_array().into_iter().flatten() {
-        let tables: Vec<&str> = r["tables_cached"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|t| t.as_str())
-            .collect();
+    for r in &report.regions {
         println!(
             "{:<32} {:>8} {:>10.0} {:>4} {:>5} {:>8} {:>7} {:>11.3} {:>11.3} {:>11.3}",
-            r["path"].as_str().unwrap_or(""),
-            r["backing"].as_str().unwrap_or(""),
-            mib(&r["size"]),
-            r["objects"].as_u64().unwrap_or(0),
-            r["open_handles"].as_u64().unwrap_or(0),
-            r["attached"].as_array().map_or(0, |a| a.len()),
-            if tables.is_empty() {
+            r.path,
+            r.backing.name(),
+            mib(r.size),
+            r.objects,
+            r.open_handles,
+            r.attached.len(),
+            if r.tables_cached.is_empty() {
                 "-".to_string()
             } else {
-                tables.join(",")
+                r.tables_cached.join(",")
             },
-            mib(&r["pt_bytes"]),
-            mib(&r["pt_bytes_4k_equivalent"]),
-            mib(&r["saving_bytes"]),
+            mib(r.pt_bytes),
+            mib(r.pt_bytes_4k_equivalent),
+            mib(r.saving_bytes),
         );
     }
-    let t = &v["totals"];
+    let t = &report.totals;
     println!(
         "total: {} regions, {:.0} MiB, {} attached, page tables {:.3} MiB (4 KiB pages: {:.3} MiB), {} huge pages added",
-        t["regions"].as_u64().unwrap_or(0),
-        mib(&t["size"]),
-        t["attached"].as_u64().unwrap_or(0),
-        mib(&t["pt_bytes"]),
-        mib(&t["pt_bytes_4k_equivalent"]),
-        t["pool_pages_added"].as_u64().unwrap_or(0)
+        t.regions,
+        mib(t.size),
+        t.attached,
+        mib(t.pt_bytes),
+        mib(t.pt_bytes_4k_equivalent),
+        t.pool_pages_added
     );
-    // A daemon older than the quota has no such object.
-    if let Some(q) = v.get("quota") {
-        println!("{}", quota_line(q));
-    }
+    println!("{}", quota_line(&report.quota));
     Ok(())
 }
 
@@ -329,15 +317,17 @@ mod tests {
 
     #[test]
     fn quota_line_reads_the_report() {
-        let q = serde_json::json!({
+        let q: stats::QuotaReport = serde_json::from_value(serde_json::json!({
             "limit_bytes": 12u64 << 30,
             "users": [{"uid": 0, "used_bytes": 256u64 << 20}, {"uid": 1000, "used_bytes": 4u64 << 30}],
-        });
+        }))
+        .unwrap();
         assert_eq!(
             quota_line(&q),
             "quota: 12288 MiB per user (root exempt); uid 0: 256 MiB used; uid 1000: 4096 MiB used"
         );
-        let q = serde_json::json!({"limit_bytes": null, "users": []});
+        let q =
+            serde_json::from_value(serde_json::json!({"limit_bytes": null, "users": []})).unwrap();
         assert_eq!(quota_line(&q), "quota: none");
     }
 }

@@ -13,7 +13,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use serde::Serialize;
+use serde::{Deserialize, Deserializer, Serialize};
 
 use kernel_glue::PUD_SIZE;
 use kernel_glue::procfs::{self, MapsEntry};
@@ -22,7 +22,7 @@ use crate::fs::Core;
 use crate::state::Store;
 
 /// One attached process.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Attached {
     /// Process id.
     pub pid: u32,
@@ -36,7 +36,7 @@ pub struct Attached {
 }
 
 /// A slot an attacher maps without sharing its page table, and why.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Unshared {
     /// The 1 GiB slot (file offset / 1 GiB).
     pub slot: u32,
@@ -45,16 +45,17 @@ pub struct Unshared {
 }
 
 /// One region's row.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct RegionReport {
     /// Path inside the mount.
     pub path: String,
     /// `hugetlb`, `thp` or `shmem`.
-    pub backing: &'static str,
+    pub backing: Store,
     /// Size in bytes (0 while unset).
     pub size: u64,
     /// The cgroup directory its memory is charged to (the sizing process's, under the
     /// backing's controller); `null` when none accounts for it.
+    #[serde(deserialize_with = "present")]
     pub cgroup: Option<String>,
     /// Objects created by ioctl.
     pub objects: usize,
@@ -63,7 +64,7 @@ pub struct RegionReport {
     /// Processes that map the region (the daemon itself excluded).
     pub attached: Vec<Attached>,
     /// Host table sets cached for every slot (`rw`, `ro`).
-    pub tables_cached: Vec<&'static str>,
+    pub tables_cached: Vec<String>,
     /// 1 GiB slots of the region.
     pub slots: u32,
     /// Cached slots of the read-write set.
@@ -81,7 +82,7 @@ pub struct RegionReport {
 }
 
 /// Totals for the mount.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Totals {
     /// Regions.
     pub regions: usize,
@@ -104,7 +105,7 @@ pub struct Totals {
 }
 
 /// One owner's region memory, as the quota counts it.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct UserUsage {
     /// Owner uid.
     pub uid: u32,
@@ -113,16 +114,19 @@ pub struct UserUsage {
 }
 
 /// The per-user quota (`--user-quota`) and what each owner of a region uses of it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct QuotaReport {
     /// Bytes each non-root owner may hold; `null`: no limit. Root is exempt.
+    #[serde(deserialize_with = "present")]
     pub limit_bytes: Option<u64>,
     /// Every uid that owns a region, in uid order (root included, for information).
     pub users: Vec<UserUsage>,
 }
 
-/// The whole report (`msharefs stat --json` prints it).
-#[derive(Debug, Clone, Serialize)]
+/// The whole report (`msharefs stat --json` prints it). The daemon sends it as JSON on
+/// the attach socket and `msharefs stat` reads it back into this type: a field the daemon
+/// does not send (renamed, or from another version) is an error naming it, never a 0.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Report {
     /// Regions, in inode order.
     pub regions: Vec<RegionReport>,
@@ -130,6 +134,36 @@ pub struct Report {
     pub totals: Totals,
     /// The per-user quota and its use.
     pub quota: QuotaReport,
+}
+
+/// An `Option` field that must be in the JSON (`null` or a value): serde would read a
+/// missing one as `None`, so a renamed `limit_bytes` would print "quota: none".
+fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    Option::<T>::deserialize(d)
+}
+
+/// What the daemon answers instead of a report (to a caller that is not root).
+#[derive(Debug, Deserialize)]
+struct ErrorReply {
+    error: String,
+}
+
+impl Report {
+    /// Reads the daemon's answer to a statistics request.
+    ///
+    /// # Errors
+    /// The daemon's error message, or what does not match the report's schema.
+    pub fn from_reply(body: &str) -> Result<Report, String> {
+        if let Ok(e) = serde_json::from_str::<ErrorReply>(body) {
+            return Err(e.error);
+        }
+        serde_json::from_str(body).map_err(|e| {
+            format!(
+                "the daemon's report does not match this msharefs (a daemon of another \
+                 version?): {e}"
+            )
+        })
+    }
 }
 
 /// One VMA of an attacher that maps a region's file: its range, file offset and
@@ -338,7 +372,24 @@ pub fn report(core: &Core) -> Report {
         .regions()
         .flat_map(|(n, r)| files_of(n.ino, r.store))
         .collect();
-    let mappers = procfs::mappers_of(&all).unwrap_or_default();
+    let started = std::time::Instant::now();
+    let scanned = procfs::mappers_of(&all);
+    if let Ok(m) = &scanned {
+        // The shrinker's registry learns from this scan too (`attachers.rs`).
+        let hugetlb: HashMap<(u64, u64), u64> = tree
+            .regions()
+            .filter(|(_, r)| r.store == Store::Hugetlb)
+            .filter_map(|(n, _)| {
+                core.backing_identity(Store::Hugetlb, n.ino)
+                    .map(|id| (id, n.ino))
+            })
+            .collect();
+        let scope: Vec<u64> = hugetlb.values().copied().collect();
+        let seen = crate::attachers::seen_in(&m.found, &hugetlb);
+        let read = |pid: u32| !m.unreadable.contains(&pid);
+        core.attachers.reconcile(started, &scope, read, true, &seen);
+    }
+    let mappers = scanned.map(|m| m.found).unwrap_or_default();
     // The flags of the daemon's own host mappings, by (backing file, slot, writable): what
     // an attacher's mapping must match to share the host's tables.
     let mut host_flags: HashMap<((u64, u64), u32, bool), Vec<String>> = HashMap::new();
@@ -389,13 +440,13 @@ pub fn report(core: &Core) -> Report {
         let host = core.hostmm.stats(node.ino);
         let row = RegionReport {
             path: tree.path_of(node.ino),
-            backing: r.store.name(),
+            backing: r.store,
             size: r.size,
             cgroup: r.cgroup.as_ref().map(|p| p.display().to_string()),
             objects: r.objects.len(),
             open_handles: core.open_count(node.ino),
             attached,
-            tables_cached: host.sets,
+            tables_cached: host.sets.iter().map(|s| s.to_string()).collect(),
             slots: host.slots,
             rw_slots_cached: host.rw_slots_cached,
             ro_slots_cached: host.ro_slots_cached,
@@ -474,6 +525,83 @@ mod tests {
             pt_bytes(Store::Shmem, &[vma(G, G, 0, RW)], &[]),
             (2 << 20) + 4096
         );
+    }
+
+    fn sample() -> Report {
+        Report {
+            regions: vec![RegionReport {
+                path: "/sga".into(),
+                backing: Store::Hugetlb,
+                size: 8 * G,
+                cgroup: Some("/sys/fs/cgroup/unified/db".into()),
+                objects: 0,
+                open_handles: 1,
+                attached: vec![Attached {
+                    pid: 4242,
+                    comm: "postgres".into(),
+                    sharing: false,
+                    unshared: vec![Unshared {
+                        slot: 3,
+                        reason: "mapped in part".into(),
+                    }],
+                }],
+                tables_cached: vec!["rw".into()],
+                slots: 8,
+                rw_slots_cached: 8,
+                ro_slots_cached: 0,
+                populated: 8 * G,
+                pt_bytes: 4096,
+                pt_bytes_4k_equivalent: 16809984,
+                saving_bytes: 16805888,
+            }],
+            totals: Totals {
+                regions: 1,
+                attached: 1,
+                ..Totals::default()
+            },
+            quota: QuotaReport {
+                limit_bytes: None,
+                users: vec![UserUsage {
+                    uid: 0,
+                    used_bytes: 8 * G,
+                }],
+            },
+        }
+    }
+
+    #[test]
+    fn the_report_reads_back_as_sent() {
+        let r = sample();
+        let json = serde_json::to_string(&r).unwrap();
+        assert_eq!(Report::from_reply(&json), Ok(r));
+        // The README's schema: field names and the backing as a lowercase word.
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(v["regions"][0]["backing"], "hugetlb");
+        assert_eq!(v["regions"][0]["attached"][0]["unshared"][0]["slot"], 3);
+        assert_eq!(v["totals"]["sharing"], 0);
+        assert_eq!(v["quota"]["limit_bytes"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn a_renamed_field_is_an_error_not_a_zero() {
+        let json = serde_json::to_string(&sample())
+            .unwrap()
+            .replace("\"pt_bytes\":", "\"pt_bytes_used\":");
+        let e = Report::from_reply(&json).unwrap_err();
+        assert!(e.contains("missing field `pt_bytes`"), "{e}");
+        // Optional values too: `null` is a value, a missing field is an error.
+        for (field, renamed) in [("limit_bytes", "limit"), ("cgroup", "cg")] {
+            let json = serde_json::to_string(&sample())
+                .unwrap()
+                .replace(&format!("\"{field}\":"), &format!("\"{renamed}\":"));
+            let e = Report::from_reply(&json).unwrap_err();
+            assert!(e.contains(&format!("missing field `{field}`")), "{e}");
+        }
+        assert_eq!(
+            Report::from_reply(r#"{"error":"permission denied: msharefs stat needs root"}"#),
+            Err("permission denied: msharefs stat needs root".into())
+        );
+        assert!(Report::from_reply("").is_err());
     }
 
     #[test]

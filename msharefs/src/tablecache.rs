@@ -7,14 +7,16 @@
 //! (`/proc/PID/maps`); the shrinker asks it for victims. Its invariants are unit-tested,
 //! including over random sequences of operations.
 //!
-//! Records live in a [`Slab`]; an index maps `(region, slot, protection)` to a record.
+//! Records are kept in one map from `(region, slot, protection)` to the record. (A slab
+//! with a map indexing it once held them: a slab's keys are its own allocation order, so
+//! it cannot be indexed by slot, and nothing refers to a record by a slab key; the map
+//! alone is the same lookup with one structure instead of two to keep in step.)
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use kernel_glue::PUD_SIZE;
 use kernel_glue::mapping::Protection;
-use slab::Slab;
 
 /// Page-table bytes one cached slot holds: one PMD page.
 pub const SLOT_TABLE_BYTES: u64 = 4096;
@@ -33,8 +35,6 @@ pub struct SlotKey {
 /// What the model knows of one slot's table set.
 #[derive(Debug, Clone)]
 pub struct SlotRec {
-    /// Which slot.
-    pub key: SlotKey,
     /// A host mapping holds the table.
     pub cached: bool,
     /// Last time an attach used it, or it was built.
@@ -82,8 +82,7 @@ pub struct Policy {
 /// The model.
 #[derive(Debug, Default)]
 pub struct TableCache {
-    recs: Slab<SlotRec>,
-    index: HashMap<SlotKey, usize>,
+    recs: HashMap<SlotKey, SlotRec>,
 }
 
 /// Number of slots of a region of `size` bytes.
@@ -93,26 +92,17 @@ pub fn slots_of(size: u64) -> u32 {
 
 impl TableCache {
     fn rec_mut(&mut self, key: SlotKey, now: Instant) -> &mut SlotRec {
-        let i = match self.index.get(&key) {
-            Some(&i) => i,
-            None => {
-                let i = self.recs.insert(SlotRec {
-                    key,
-                    cached: false,
-                    last_used: now,
-                    attached: BTreeSet::new(),
-                });
-                self.index.insert(key, i);
-                i
-            }
-        };
-        &mut self.recs[i]
+        self.recs.entry(key).or_insert_with(|| SlotRec {
+            cached: false,
+            last_used: now,
+            attached: BTreeSet::new(),
+        })
     }
 
     /// The record of a slot, if the model knows it.
     #[cfg(test)]
     pub fn get(&self, key: SlotKey) -> Option<&SlotRec> {
-        self.index.get(&key).map(|&i| &self.recs[i])
+        self.recs.get(&key)
     }
 
     /// A host mapping now holds the slot's table.
@@ -133,14 +123,14 @@ impl TableCache {
     /// [`ModelError::InUse`] when processes are attached: the shrinker never releases
     /// those.
     pub fn mark_released(&mut self, key: SlotKey) -> Result<(), ModelError> {
-        let Some(&i) = self.index.get(&key) else {
+        let Some(r) = self.recs.get_mut(&key) else {
             return Ok(());
         };
-        let count = self.recs[i].attached.len();
+        let count = r.attached.len();
         if count > 0 {
             return Err(ModelError::InUse { key, count });
         }
-        self.recs[i].cached = false;
+        r.cached = false;
         self.gc(key);
         Ok(())
     }
@@ -159,10 +149,10 @@ impl TableCache {
     /// [`ModelError::NotAttached`] when it was not attached.
     #[cfg(test)]
     pub fn detach(&mut self, key: SlotKey, pid: u32) -> Result<(), ModelError> {
-        let Some(&i) = self.index.get(&key) else {
+        let Some(r) = self.recs.get_mut(&key) else {
             return Err(ModelError::NotAttached { pid, key });
         };
-        if !self.recs[i].attached.remove(&pid) {
+        if !r.attached.remove(&pid) {
             return Err(ModelError::NotAttached { pid, key });
         }
         self.gc(key);
@@ -191,17 +181,16 @@ impl TableCache {
             }
         }
         let known: Vec<SlotKey> = self
-            .index
+            .recs
             .keys()
-            .filter(|k| k.ino == ino)
+            .filter(|k| k.ino == ino && !want.contains_key(k))
             .copied()
             .collect();
         for key in known {
-            if !want.contains_key(&key) {
-                let i = self.index[&key];
-                self.recs[i].attached.clear();
-                self.gc(key);
+            if let Some(r) = self.recs.get_mut(&key) {
+                r.attached.clear();
             }
+            self.gc(key);
         }
         for (key, pids) in want {
             let r = self.rec_mut(key, now);
@@ -214,26 +203,17 @@ impl TableCache {
 
     /// Forgets a region (it was removed).
     pub fn remove_region(&mut self, ino: u64) {
-        let keys: Vec<SlotKey> = self
-            .index
-            .keys()
-            .filter(|k| k.ino == ino)
-            .copied()
-            .collect();
-        for k in keys {
-            if let Some(i) = self.index.remove(&k) {
-                self.recs.remove(i);
-            }
-        }
+        self.recs.retain(|k, _| k.ino != ino);
     }
 
     /// Drops a record that carries no information (not cached, nobody attached).
     fn gc(&mut self, key: SlotKey) {
-        if let Some(&i) = self.index.get(&key) {
-            if !self.recs[i].cached && self.recs[i].attached.is_empty() {
-                self.index.remove(&key);
-                self.recs.remove(i);
-            }
+        if self
+            .recs
+            .get(&key)
+            .is_some_and(|r| !r.cached && r.attached.is_empty())
+        {
+            self.recs.remove(&key);
         }
     }
 
@@ -241,7 +221,7 @@ impl TableCache {
     pub fn cached_slots(&self, ino: u64, prot: Protection) -> u32 {
         self.recs
             .iter()
-            .filter(|(_, r)| r.key.ino == ino && r.key.prot == prot && r.cached)
+            .filter(|(k, r)| k.ino == ino && k.prot == prot && r.cached)
             .count() as u32
     }
 
@@ -250,7 +230,7 @@ impl TableCache {
     pub fn attached_pids(&self, ino: u64) -> BTreeSet<u32> {
         self.recs
             .iter()
-            .filter(|(_, r)| r.key.ino == ino)
+            .filter(|(k, _)| k.ino == ino)
             .flat_map(|(_, r)| r.attached.iter().copied())
             .collect()
     }
@@ -265,56 +245,42 @@ impl TableCache {
     /// first, until the idle cached bytes fit the budget; every idle slot when memory
     /// pressure passes the threshold. Slots with attachers are never chosen.
     pub fn victims(&self, policy: &Policy, pressure: f64, now: Instant) -> Vec<SlotKey> {
-        let mut idle: Vec<&SlotRec> = self
+        let mut idle: Vec<(&SlotKey, &SlotRec)> = self
             .recs
             .iter()
-            .map(|(_, r)| r)
-            .filter(|r| {
+            .filter(|(_, r)| {
                 r.cached
                     && r.attached.is_empty()
                     && now.saturating_duration_since(r.last_used) >= policy.grace
             })
             .collect();
-        idle.sort_by_key(|r| (r.last_used, r.key.ino, r.key.slot));
+        // Read-write before read-only among equals, so the order never depends on the
+        // map's.
+        idle.sort_by_key(|(k, r)| (r.last_used, k.ino, k.slot, k.prot == Protection::ReadOnly));
         if pressure > policy.psi_threshold {
-            return idle.into_iter().map(|r| r.key).collect();
+            return idle.into_iter().map(|(k, _)| *k).collect();
         }
         let Some(budget) = policy.table_budget else {
             return Vec::new();
         };
         let mut held = idle.len() as u64 * SLOT_TABLE_BYTES;
         let mut out = Vec::new();
-        for r in idle {
+        for (k, _) in idle {
             if held <= budget {
                 break;
             }
             held -= SLOT_TABLE_BYTES;
-            out.push(r.key);
+            out.push(*k);
         }
         out
     }
 
-    /// Checks the model's invariants: the index and the slab agree, and no record is
-    /// kept that carries nothing.
+    /// Checks the model's invariant: no record is kept that carries nothing.
     ///
     /// # Errors
     /// A description of the first broken invariant.
     pub fn check(&self) -> Result<(), String> {
-        if self.index.len() != self.recs.len() {
-            return Err(format!(
-                "{} index entries, {} records",
-                self.index.len(),
-                self.recs.len()
-            ));
-        }
-        for (key, &i) in &self.index {
-            let r = self
-                .recs
-                .get(i)
-                .ok_or(format!("{key:?} points at a free record"))?;
-            if r.key != *key {
-                return Err(format!("{key:?} points at the record of {:?}", r.key));
-            }
+        for (key, r) in &self.recs {
             if !r.cached && r.attached.is_empty() {
                 return Err(format!("{key:?} is kept though empty"));
             }
