@@ -9,20 +9,24 @@
 //! attach. The socket itself is world-connectable; it grants nothing without such a
 //! descriptor. The shim's shared-memory requests (`shm.rs`) come here too.
 //!
-//! Requests are served by a small pool of threads that wait in `accept` (no thread is
-//! started per request); when all of them are busy, one more is started, so a client that
-//! connects and says nothing delays nobody (it is dropped after [`CLIENT_TIMEOUT`]).
+//! One thread accepts connections and waits, with epoll, until each has sent its request
+//! (or hung up); only then is the connection handed to a small pool of threads that serve
+//! requests, started as needed up to [`MAX_WORKERS`]. So a client that connects and says
+//! nothing holds a descriptor but no thread, delays nobody, and is dropped after
+//! [`CLIENT_TIMEOUT`]; past [`MAX_WAITING`] silent connections the oldest go first.
 //!
 //! Root may also ask for the statistics report (`msharefs stat`).
 
+use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError, mpsc};
+use std::time::{Duration, Instant};
 
+use kernel_glue::epoll::Epoll;
 use kernel_glue::errnos::*;
 use kernel_glue::mapping::Protection;
 use kernel_glue::{consts, fd as kfd, socket};
@@ -42,44 +46,140 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Threads that wait for requests when nothing happens.
 const IDLE_WORKERS: usize = 4;
-/// Most threads serving at once (the rest wait in the kernel's accept queue).
+/// Most threads serving at once (further requests wait in the pool's queue).
 const MAX_WORKERS: usize = 64;
+/// Most connections waiting for their request; past it the oldest is closed, so silent
+/// clients cannot take all of the daemon's descriptors.
+const MAX_WAITING: usize = 4096;
 
-/// The worker pool's counts.
-#[derive(Debug, Default)]
+/// The epoll token of the listening socket; connections get the tokens after it.
+const LISTENER: u64 = 0;
+
+/// The threads that serve requests, and the queue they take connections from.
 struct Pool {
-    /// Threads waiting in `accept`.
+    core: Arc<Core>,
+    queue: Mutex<mpsc::Receiver<UnixStream>>,
+    /// Threads waiting for a connection.
     idle: AtomicUsize,
     /// All threads.
     total: AtomicUsize,
 }
 
-/// Binds the socket (replacing a stale one) and serves it on a pool of threads.
+/// Binds the socket (replacing a stale one) and serves it: one thread accepts, a pool
+/// of threads serves.
 ///
 /// # Errors
-/// Binding or setting the socket's mode; starting the first thread.
+/// Binding or setting the socket's mode; creating the epoll instance; starting the
+/// first threads.
 pub fn serve(core: Arc<Core>, path: &Path) -> std::io::Result<()> {
     let _ = std::fs::remove_file(path);
-    let listener = Arc::new(UnixListener::bind(path)?);
+    let listener = UnixListener::bind(path)?;
     std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o666))?;
-    let pool = Arc::new(Pool::default());
+    listener.set_nonblocking(true)?;
+    let epoll = Epoll::new()?;
+    epoll.add(&listener, LISTENER)?;
+    let (tx, rx) = mpsc::channel();
+    let pool = Arc::new(Pool {
+        core,
+        queue: Mutex::new(rx),
+        idle: AtomicUsize::new(0),
+        total: AtomicUsize::new(0),
+    });
     for _ in 0..IDLE_WORKERS {
-        spawn_worker(&core, &listener, &pool)?;
+        spawn_worker(&pool)?;
     }
+    std::thread::Builder::new()
+        .name("attach-accept".into())
+        .spawn(move || accept_loop(&listener, &epoll, &pool, &tx))?;
     Ok(())
 }
 
-fn spawn_worker(
-    core: &Arc<Core>,
-    listener: &Arc<UnixListener>,
+/// Accepts connections and hands each to the pool once it is readable (its request
+/// arrived, or the client hung up); closes those that stay silent past [`CLIENT_TIMEOUT`].
+fn accept_loop(
+    listener: &UnixListener,
+    epoll: &Epoll,
     pool: &Arc<Pool>,
-) -> std::io::Result<()> {
-    let (core, listener, p) = (core.clone(), listener.clone(), pool.clone());
+    tx: &mpsc::Sender<UnixStream>,
+) {
+    let mut waiting: HashMap<u64, UnixStream> = HashMap::new();
+    // Tokens in the order they were accepted, so with increasing deadlines; a token
+    // already handed to the pool is skipped when its deadline comes.
+    let mut deadlines: VecDeque<(Instant, u64)> = VecDeque::new();
+    let mut next_token = LISTENER + 1;
+    let mut ready = Vec::with_capacity(256);
+    loop {
+        let timeout = deadlines
+            .front()
+            .map(|(d, _)| d.saturating_duration_since(Instant::now()));
+        if let Err(e) = epoll.wait(&mut ready, timeout) {
+            log::error!("attach socket: epoll_wait: {e}");
+            std::thread::sleep(ACCEPT_BACKOFF);
+            continue;
+        }
+        for &token in &ready {
+            if token != LISTENER {
+                if let Some(stream) = waiting.remove(&token) {
+                    let _ = epoll.delete(&stream);
+                    dispatch(pool, tx, stream);
+                }
+                continue;
+            }
+            loop {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        let token = next_token;
+                        next_token += 1;
+                        if let Err(e) = epoll.add(&stream, token) {
+                            log::warn!("attach socket: cannot watch a connection: {e}");
+                            continue;
+                        }
+                        waiting.insert(token, stream);
+                        deadlines.push_back((Instant::now() + CLIENT_TIMEOUT, token));
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) => {
+                        // Out of descriptors (EMFILE) or memory: back off instead of
+                        // spinning on a listener that stays readable.
+                        log::warn!("attach socket accept: {e}");
+                        std::thread::sleep(ACCEPT_BACKOFF);
+                        break;
+                    }
+                }
+            }
+        }
+        let now = Instant::now();
+        while let Some(&(deadline, token)) = deadlines.front() {
+            if deadline > now && waiting.len() <= MAX_WAITING {
+                break;
+            }
+            deadlines.pop_front();
+            if waiting.remove(&token).is_some() {
+                // Closing the descriptor takes it out of the epoll set.
+                log::debug!("attach socket: closed a connection that sent no request");
+            }
+        }
+    }
+}
+
+/// Queues a readable connection for the pool, starting a thread if none is waiting.
+fn dispatch(pool: &Arc<Pool>, tx: &mpsc::Sender<UnixStream>, stream: UnixStream) {
+    if pool.idle.load(Ordering::SeqCst) == 0 && pool.total.load(Ordering::SeqCst) < MAX_WORKERS {
+        if let Err(e) = spawn_worker(pool) {
+            log::warn!("attach socket: cannot start a thread: {e}");
+        }
+    }
+    // The workers hold the receiver for as long as the pool exists.
+    let _ = tx.send(stream);
+}
+
+fn spawn_worker(pool: &Arc<Pool>) -> std::io::Result<()> {
+    let p = pool.clone();
     pool.total.fetch_add(1, Ordering::SeqCst);
     pool.idle.fetch_add(1, Ordering::SeqCst);
     std::thread::Builder::new()
         .name("attach".into())
-        .spawn(move || worker(&core, &listener, &p))
+        .spawn(move || worker(&p))
         .inspect_err(|_| {
             pool.total.fetch_sub(1, Ordering::SeqCst);
             pool.idle.fetch_sub(1, Ordering::SeqCst);
@@ -87,27 +187,23 @@ fn spawn_worker(
         .map(drop)
 }
 
-/// One thread of the pool: accepts and serves requests; starts another thread when it
-/// was the last one waiting, and ends when more than [`IDLE_WORKERS`] would wait.
-fn worker(core: &Arc<Core>, listener: &Arc<UnixListener>, pool: &Arc<Pool>) {
+/// One thread of the pool: serves connections from the queue; ends when more than
+/// [`IDLE_WORKERS`] would wait.
+fn worker(pool: &Pool) {
     loop {
-        let conn = listener.accept();
-        let was_idle = pool.idle.fetch_sub(1, Ordering::SeqCst);
-        if was_idle == 1 && pool.total.load(Ordering::SeqCst) < MAX_WORKERS {
-            // Keep one thread waiting while this one serves.
-            if let Err(e) = spawn_worker(core, listener, pool) {
-                log::warn!("attach socket: cannot start a thread: {e}");
-            }
-        }
-        match conn {
-            Ok((stream, _)) => handle(core, stream),
-            Err(e) => {
-                // Out of descriptors (EMFILE) or memory: back off instead of spinning on
-                // a listener that stays readable.
-                log::warn!("attach socket accept: {e}");
-                std::thread::sleep(ACCEPT_BACKOFF);
-            }
-        }
+        let next = pool
+            .queue
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .recv();
+        let Ok(stream) = next else {
+            // The accepting thread is gone; nothing more will come.
+            pool.idle.fetch_sub(1, Ordering::SeqCst);
+            pool.total.fetch_sub(1, Ordering::SeqCst);
+            return;
+        };
+        pool.idle.fetch_sub(1, Ordering::SeqCst);
+        handle(&pool.core, stream);
         if pool.idle.fetch_add(1, Ordering::SeqCst) >= IDLE_WORKERS {
             pool.idle.fetch_sub(1, Ordering::SeqCst);
             pool.total.fetch_sub(1, Ordering::SeqCst);
