@@ -7,6 +7,7 @@ use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+use std::time::Duration;
 
 use zerocopy::{FromBytes, IntoBytes};
 
@@ -251,14 +252,25 @@ pub fn reopen(fd: impl AsFd, flags: i32) -> io::Result<OwnedFd> {
 /// # Errors
 /// The kernel's errno (`EINTR` is retried).
 pub fn readable(fd: impl AsFd) -> io::Result<bool> {
+    readable_within(fd, Duration::ZERO)
+}
+
+/// [`readable`], waiting up to `timeout` (rounded up to whole milliseconds) for it.
+///
+/// # Errors
+/// The kernel's errno (`EINTR` is retried with the time left).
+pub fn readable_within(fd: impl AsFd, timeout: Duration) -> io::Result<bool> {
     let mut p = libc::pollfd {
         fd: fd.as_fd().as_raw_fd(),
         events: libc::POLLIN,
         revents: 0,
     };
+    let deadline = std::time::Instant::now() + timeout;
     loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let ms = left.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
         // SAFETY: `p` is one valid pollfd for the duration of the call.
-        match check_retval(unsafe { libc::poll(&mut p, 1, 0) }) {
+        match check_retval(unsafe { libc::poll(&mut p, 1, ms) }) {
             Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
             Err(e) => return Err(e),
             Ok(0) => return Ok(false),

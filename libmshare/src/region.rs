@@ -62,6 +62,11 @@ pub struct Region {
 /// The `Open` of a region file on msharefs.
 fn msharefs_open(fd: OwnedFd) -> io::Result<Open> {
     let info = client::info(fd.as_fd())?;
+    msharefs_opened(fd, info)
+}
+
+/// The region open as `fd`, whose GET_INFO answered `info`.
+fn msharefs_opened(fd: OwnedFd, info: MshareRegionInfo) -> io::Result<Open> {
     Ok(Open {
         size: info.size,
         backing: Backing::from_raw(info.backing).ok_or_else(|| kernel_glue::errno(EINVAL))?,
@@ -163,6 +168,21 @@ impl Region {
         }
         let fd = kfd::open(path, oflags, 0)?;
         let writable = acc == consts::O_RDWR;
+        // A region of msharefs answers GET_INFO: ask it first, which spares the round trip
+        // to the daemon that `fstatfs` of a FUSE file costs. Only a regular file is asked
+        // (a device would read the ioctl as its own); another file system answers ENOTTY
+        // (ENODEV here), and `fstatfs` then tells hugetlbfs from the rest.
+        let st = kfd::fstat(&fd)?;
+        if st.mode & libc::S_IFMT == libc::S_IFREG {
+            match client::info(fd.as_fd()) {
+                Ok(info) => {
+                    let open = msharefs_opened(fd, info)?;
+                    return Self::new(path, open, writable);
+                }
+                Err(e) if e.raw_os_error() == Some(ENODEV) => {}
+                Err(e) => return Err(e),
+            }
+        }
         let open = match kfd::fstatfs(&fd)?.fs_type {
             kernel_glue::HUGETLBFS_MAGIC => Open {
                 size: kfd::fstat(&fd)?.size,

@@ -9,11 +9,14 @@
 //! attach. The socket itself is world-connectable; it grants nothing without such a
 //! descriptor. The shim's shared-memory requests (`shm.rs`) come here too.
 //!
-//! One thread accepts connections and waits, with epoll, until each has sent its request
-//! (or hung up); only then is the connection handed to a small pool of threads that serve
-//! requests, started as needed up to [`MAX_WORKERS`]. So a client that connects and says
-//! nothing holds a descriptor but no thread, delays nobody, and is dropped after
-//! [`CLIENT_TIMEOUT`]; past [`MAX_WAITING`] silent connections the oldest go first.
+//! Requests are served by a small pool of threads that wait in `accept` (no thread is
+//! started per request; when all of them are busy, one more is started, up to
+//! [`MAX_WORKERS`]). A client sends its request right after connecting, so the thread that
+//! accepted it waits for it up to [`FAST_WAIT`] and serves it. A connection still silent
+//! by then goes to the waiter thread, which watches all such connections with epoll,
+//! serves those that speak on a thread of their own, and closes those that stay silent
+//! past [`CLIENT_TIMEOUT`] (the oldest first past [`MAX_WAITING`]). So a client that
+//! connects and says nothing holds a descriptor but no thread, and delays nobody.
 //!
 //! Root may also ask for the statistics report (`msharefs stat`).
 
@@ -23,7 +26,7 @@ use std::os::fd::OwnedFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, mpsc};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use kernel_glue::epoll::Epoll;
@@ -44,142 +47,73 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Pause after a failed `accept` (out of descriptors), so the loop does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
+/// How long the accepting thread waits for a connection's request before it hands the
+/// connection to the waiter thread.
+const FAST_WAIT: Duration = Duration::from_millis(5);
+
 /// Threads that wait for requests when nothing happens.
 const IDLE_WORKERS: usize = 4;
-/// Most threads serving at once (further requests wait in the pool's queue).
+/// Most threads serving at once (the rest wait in the kernel's accept queue).
 const MAX_WORKERS: usize = 64;
-/// Most connections waiting for their request; past it the oldest is closed, so silent
+/// Most silent connections the waiter keeps; past it the oldest is closed, so silent
 /// clients cannot take all of the daemon's descriptors.
 const MAX_WAITING: usize = 4096;
 
-/// The epoll token of the listening socket; connections get the tokens after it.
-const LISTENER: u64 = 0;
-
-/// The threads that serve requests, and the queue they take connections from.
+/// The threads that serve requests, and the connections that have not spoken yet.
 struct Pool {
     core: Arc<Core>,
-    queue: Mutex<mpsc::Receiver<UnixStream>>,
-    /// Threads waiting for a connection.
+    /// Threads waiting in `accept`.
     idle: AtomicUsize,
-    /// All threads.
+    /// All threads serving requests (those started for a late request too).
     total: AtomicUsize,
+    /// Watches the silent connections (tokens are keys of `waiting.streams`).
+    epoll: Epoll,
+    waiting: Mutex<Waiting>,
 }
 
-/// Binds the socket (replacing a stale one) and serves it: one thread accepts, a pool
-/// of threads serves.
+/// Connections handed to the waiter, by epoll token.
+#[derive(Default)]
+struct Waiting {
+    streams: HashMap<u64, UnixStream>,
+    /// Tokens in the order they came, so with increasing deadlines; a token already
+    /// served is skipped when its deadline comes.
+    deadlines: VecDeque<(Instant, u64)>,
+    next_token: u64,
+}
+
+/// Binds the socket (replacing a stale one) and serves it on a pool of threads.
 ///
 /// # Errors
 /// Binding or setting the socket's mode; creating the epoll instance; starting the
 /// first threads.
 pub fn serve(core: Arc<Core>, path: &Path) -> std::io::Result<()> {
     let _ = std::fs::remove_file(path);
-    let listener = UnixListener::bind(path)?;
+    let listener = Arc::new(UnixListener::bind(path)?);
     std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o666))?;
-    listener.set_nonblocking(true)?;
-    let epoll = Epoll::new()?;
-    epoll.add(&listener, LISTENER)?;
-    let (tx, rx) = mpsc::channel();
     let pool = Arc::new(Pool {
         core,
-        queue: Mutex::new(rx),
         idle: AtomicUsize::new(0),
         total: AtomicUsize::new(0),
+        epoll: Epoll::new()?,
+        waiting: Mutex::new(Waiting::default()),
     });
     for _ in 0..IDLE_WORKERS {
-        spawn_worker(&pool)?;
+        spawn_worker(&pool, &listener)?;
     }
+    let p = pool.clone();
     std::thread::Builder::new()
-        .name("attach-accept".into())
-        .spawn(move || accept_loop(&listener, &epoll, &pool, &tx))?;
+        .name("attach-wait".into())
+        .spawn(move || waiter(&p))?;
     Ok(())
 }
 
-/// Accepts connections and hands each to the pool once it is readable (its request
-/// arrived, or the client hung up); closes those that stay silent past [`CLIENT_TIMEOUT`].
-fn accept_loop(
-    listener: &UnixListener,
-    epoll: &Epoll,
-    pool: &Arc<Pool>,
-    tx: &mpsc::Sender<UnixStream>,
-) {
-    let mut waiting: HashMap<u64, UnixStream> = HashMap::new();
-    // Tokens in the order they were accepted, so with increasing deadlines; a token
-    // already handed to the pool is skipped when its deadline comes.
-    let mut deadlines: VecDeque<(Instant, u64)> = VecDeque::new();
-    let mut next_token = LISTENER + 1;
-    let mut ready = Vec::with_capacity(256);
-    loop {
-        let timeout = deadlines
-            .front()
-            .map(|(d, _)| d.saturating_duration_since(Instant::now()));
-        if let Err(e) = epoll.wait(&mut ready, timeout) {
-            log::error!("attach socket: epoll_wait: {e}");
-            std::thread::sleep(ACCEPT_BACKOFF);
-            continue;
-        }
-        for &token in &ready {
-            if token != LISTENER {
-                if let Some(stream) = waiting.remove(&token) {
-                    let _ = epoll.delete(&stream);
-                    dispatch(pool, tx, stream);
-                }
-                continue;
-            }
-            loop {
-                match listener.accept() {
-                    Ok((stream, _)) => {
-                        let token = next_token;
-                        next_token += 1;
-                        if let Err(e) = epoll.add(&stream, token) {
-                            log::warn!("attach socket: cannot watch a connection: {e}");
-                            continue;
-                        }
-                        waiting.insert(token, stream);
-                        deadlines.push_back((Instant::now() + CLIENT_TIMEOUT, token));
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                    Err(e) => {
-                        // Out of descriptors (EMFILE) or memory: back off instead of
-                        // spinning on a listener that stays readable.
-                        log::warn!("attach socket accept: {e}");
-                        std::thread::sleep(ACCEPT_BACKOFF);
-                        break;
-                    }
-                }
-            }
-        }
-        let now = Instant::now();
-        while let Some(&(deadline, token)) = deadlines.front() {
-            if deadline > now && waiting.len() <= MAX_WAITING {
-                break;
-            }
-            deadlines.pop_front();
-            if waiting.remove(&token).is_some() {
-                // Closing the descriptor takes it out of the epoll set.
-                log::debug!("attach socket: closed a connection that sent no request");
-            }
-        }
-    }
-}
-
-/// Queues a readable connection for the pool, starting a thread if none is waiting.
-fn dispatch(pool: &Arc<Pool>, tx: &mpsc::Sender<UnixStream>, stream: UnixStream) {
-    if pool.idle.load(Ordering::SeqCst) == 0 && pool.total.load(Ordering::SeqCst) < MAX_WORKERS {
-        if let Err(e) = spawn_worker(pool) {
-            log::warn!("attach socket: cannot start a thread: {e}");
-        }
-    }
-    // The workers hold the receiver for as long as the pool exists.
-    let _ = tx.send(stream);
-}
-
-fn spawn_worker(pool: &Arc<Pool>) -> std::io::Result<()> {
-    let p = pool.clone();
+fn spawn_worker(pool: &Arc<Pool>, listener: &Arc<UnixListener>) -> std::io::Result<()> {
+    let (p, listener) = (pool.clone(), listener.clone());
     pool.total.fetch_add(1, Ordering::SeqCst);
     pool.idle.fetch_add(1, Ordering::SeqCst);
     std::thread::Builder::new()
         .name("attach".into())
-        .spawn(move || worker(&p))
+        .spawn(move || worker(&p, &listener))
         .inspect_err(|_| {
             pool.total.fetch_sub(1, Ordering::SeqCst);
             pool.idle.fetch_sub(1, Ordering::SeqCst);
@@ -187,28 +121,116 @@ fn spawn_worker(pool: &Arc<Pool>) -> std::io::Result<()> {
         .map(drop)
 }
 
-/// One thread of the pool: serves connections from the queue; ends when more than
-/// [`IDLE_WORKERS`] would wait.
-fn worker(pool: &Pool) {
+/// One thread of the pool: accepts and serves requests; starts another thread when it
+/// was the last one waiting, and ends when more than [`IDLE_WORKERS`] would wait.
+fn worker(pool: &Arc<Pool>, listener: &Arc<UnixListener>) {
     loop {
-        let next = pool
-            .queue
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .recv();
-        let Ok(stream) = next else {
-            // The accepting thread is gone; nothing more will come.
-            pool.idle.fetch_sub(1, Ordering::SeqCst);
-            pool.total.fetch_sub(1, Ordering::SeqCst);
-            return;
-        };
-        pool.idle.fetch_sub(1, Ordering::SeqCst);
-        handle(&pool.core, stream);
+        let conn = listener.accept();
+        let was_idle = pool.idle.fetch_sub(1, Ordering::SeqCst);
+        if was_idle == 1 && pool.total.load(Ordering::SeqCst) < MAX_WORKERS {
+            // Keep one thread waiting while this one serves.
+            if let Err(e) = spawn_worker(pool, listener) {
+                log::warn!("attach socket: cannot start a thread: {e}");
+            }
+        }
+        match conn {
+            Ok((stream, _)) => match kfd::readable_within(&stream, FAST_WAIT) {
+                Ok(true) => handle(&pool.core, stream),
+                Ok(false) => wait_for_request(pool, stream),
+                Err(e) => log::debug!("attach socket poll: {e}"),
+            },
+            Err(e) => {
+                // Out of descriptors (EMFILE) or memory: back off instead of spinning on
+                // a listener that stays readable.
+                log::warn!("attach socket accept: {e}");
+                std::thread::sleep(ACCEPT_BACKOFF);
+            }
+        }
         if pool.idle.fetch_add(1, Ordering::SeqCst) >= IDLE_WORKERS {
             pool.idle.fetch_sub(1, Ordering::SeqCst);
             pool.total.fetch_sub(1, Ordering::SeqCst);
             return;
         }
+    }
+}
+
+/// Hands a connection that has not sent its request to the waiter thread.
+fn wait_for_request(pool: &Pool, stream: UnixStream) {
+    let mut w = pool.waiting.lock().unwrap_or_else(PoisonError::into_inner);
+    let token = w.next_token;
+    w.next_token += 1;
+    if let Err(e) = pool.epoll.add(&stream, token) {
+        log::warn!("attach socket: cannot watch a connection: {e}");
+        return;
+    }
+    w.streams.insert(token, stream);
+    w.deadlines
+        .push_back((Instant::now() + CLIENT_TIMEOUT, token));
+    // Past the limit the oldest go; closing a descriptor takes it out of the epoll set.
+    while w.streams.len() > MAX_WAITING {
+        let Some((_, old)) = w.deadlines.pop_front() else {
+            break;
+        };
+        w.streams.remove(&old);
+    }
+}
+
+/// The waiter thread: serves silent connections once they speak (or hang up), and
+/// closes those still silent past [`CLIENT_TIMEOUT`].
+fn waiter(pool: &Arc<Pool>) {
+    let mut ready = Vec::with_capacity(64);
+    loop {
+        // A second at most between sweeps: a silent connection is closed within a second
+        // of its deadline.
+        if let Err(e) = pool.epoll.wait(&mut ready, Some(Duration::from_secs(1))) {
+            log::error!("attach socket: epoll_wait: {e}");
+            std::thread::sleep(ACCEPT_BACKOFF);
+            continue;
+        }
+        for &token in &ready {
+            let stream = pool
+                .waiting
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .streams
+                .remove(&token);
+            if let Some(stream) = stream {
+                let _ = pool.epoll.delete(&stream);
+                serve_late(pool, stream);
+            }
+        }
+        let now = Instant::now();
+        let mut w = pool.waiting.lock().unwrap_or_else(PoisonError::into_inner);
+        while let Some(&(deadline, token)) = w.deadlines.front() {
+            if deadline > now {
+                break;
+            }
+            w.deadlines.pop_front();
+            if w.streams.remove(&token).is_some() {
+                log::debug!("attach socket: closed a connection that sent no request");
+            }
+        }
+    }
+}
+
+/// Serves a request that came late on a thread of its own while the pool has room (a
+/// request may take long: creating a segment reserves its memory), else on the waiter's.
+fn serve_late(pool: &Arc<Pool>, stream: UnixStream) {
+    if pool.total.fetch_add(1, Ordering::SeqCst) >= MAX_WORKERS {
+        pool.total.fetch_sub(1, Ordering::SeqCst);
+        return handle(&pool.core, stream);
+    }
+    let p = pool.clone();
+    let spawned = std::thread::Builder::new()
+        .name("attach".into())
+        .spawn(move || {
+            handle(&p.core, stream);
+            p.total.fetch_sub(1, Ordering::SeqCst);
+        });
+    if let Err(e) = spawned {
+        // The connection went with the thread that did not start: the client sees EOF.
+        pool.total.fetch_sub(1, Ordering::SeqCst);
+        log::warn!("attach socket: cannot start a thread: {e}");
     }
 }
 
