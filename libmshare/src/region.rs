@@ -137,8 +137,14 @@ impl Region {
     }
 
     fn new(path: &Path, open: Open, writable: bool) -> io::Result<Region> {
+        let ino = kfd::fstat(&open.fd)?.ino;
+        Self::with_ino(path, open, writable, ino)
+    }
+
+    /// [`Region::new`] for a caller that has `open`'s inode number already.
+    fn with_ino(path: &Path, open: Open, writable: bool, ino: u64) -> io::Result<Region> {
         Ok(Region {
-            ino: kfd::fstat(&open.fd)?.ino,
+            ino,
             path: std::path::absolute(path)?,
             open: RwLock::new(open),
             writable,
@@ -173,27 +179,29 @@ impl Region {
         // (a device would read the ioctl as its own); another file system answers ENOTTY
         // (ENODEV here), and `fstatfs` then tells hugetlbfs from the rest.
         let st = kfd::fstat(&fd)?;
-        if st.mode & libc::S_IFMT == libc::S_IFREG {
+        let info = if st.mode & libc::S_IFMT == libc::S_IFREG {
             match client::info(fd.as_fd()) {
-                Ok(info) => {
-                    let open = msharefs_opened(fd, info)?;
-                    return Self::new(path, open, writable);
-                }
-                Err(e) if e.raw_os_error() == Some(ENODEV) => {}
+                Ok(info) => Some(info),
+                Err(e) if e.raw_os_error() == Some(ENODEV) => None,
                 Err(e) => return Err(e),
             }
-        }
-        let open = match kfd::fstatfs(&fd)?.fs_type {
-            kernel_glue::HUGETLBFS_MAGIC => Open {
-                size: kfd::fstat(&fd)?.size,
-                fd,
-                backing: Backing::Hugetlb,
-                kind: Kind::Direct,
-            },
-            kernel_glue::FUSE_SUPER_MAGIC => msharefs_open(fd)?,
-            _ => return Err(kernel_glue::errno(ENODEV)),
+        } else {
+            None
         };
-        Self::new(path, open, writable)
+        let open = match info {
+            Some(info) => msharefs_opened(fd, info)?,
+            None => match kfd::fstatfs(&fd)?.fs_type {
+                kernel_glue::HUGETLBFS_MAGIC => Open {
+                    size: st.size,
+                    fd,
+                    backing: Backing::Hugetlb,
+                    kind: Kind::Direct,
+                },
+                kernel_glue::FUSE_SUPER_MAGIC => msharefs_open(fd)?,
+                _ => return Err(kernel_glue::errno(ENODEV)),
+            },
+        };
+        Self::with_ino(path, open, writable, st.ino)
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Open> {
