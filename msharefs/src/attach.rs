@@ -81,6 +81,22 @@ struct Waiting {
     next_token: u64,
 }
 
+impl Waiting {
+    /// Closes the connections silent past their deadline, and the oldest while more than
+    /// [`MAX_WAITING`] wait; closing a descriptor takes it out of the epoll set.
+    fn expire(&mut self, now: Instant) {
+        while let Some(&(deadline, token)) = self.deadlines.front() {
+            if deadline > now && self.streams.len() <= MAX_WAITING {
+                break;
+            }
+            self.deadlines.pop_front();
+            if self.streams.remove(&token).is_some() {
+                log::debug!("attach socket: closed a connection that sent no request");
+            }
+        }
+    }
+}
+
 /// Binds the socket (replacing a stale one) and serves it on a pool of threads.
 ///
 /// # Errors
@@ -164,15 +180,9 @@ fn wait_for_request(pool: &Pool, stream: UnixStream) {
         return;
     }
     w.streams.insert(token, stream);
-    w.deadlines
-        .push_back((Instant::now() + CLIENT_TIMEOUT, token));
-    // Past the limit the oldest go; closing a descriptor takes it out of the epoll set.
-    while w.streams.len() > MAX_WAITING {
-        let Some((_, old)) = w.deadlines.pop_front() else {
-            break;
-        };
-        w.streams.remove(&old);
-    }
+    let now = Instant::now();
+    w.deadlines.push_back((now + CLIENT_TIMEOUT, token));
+    w.expire(now);
 }
 
 /// The waiter thread: serves silent connections once they speak (or hang up), and
@@ -199,17 +209,10 @@ fn waiter(pool: &Arc<Pool>) {
                 serve_late(pool, stream);
             }
         }
-        let now = Instant::now();
-        let mut w = pool.waiting.lock().unwrap_or_else(PoisonError::into_inner);
-        while let Some(&(deadline, token)) = w.deadlines.front() {
-            if deadline > now {
-                break;
-            }
-            w.deadlines.pop_front();
-            if w.streams.remove(&token).is_some() {
-                log::debug!("attach socket: closed a connection that sent no request");
-            }
-        }
+        pool.waiting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .expire(Instant::now());
     }
 }
 
