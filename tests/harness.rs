@@ -158,6 +158,11 @@ pub mod pool {
     /// [`PoolState::wait_until`]).
     pub const SETTLE: Duration = Duration::from_secs(2);
 
+    /// How long a [`PoolGuard`] waits for the pool to come back before calling it a leak.
+    /// Longer than [`SETTLE`]: on a loaded machine the last thread of a stopped daemon can
+    /// take seconds to release its mappings, and a leak stays whatever the wait.
+    const GUARD_SETTLE: Duration = Duration::from_secs(10);
+
     static THREADS: Mutex<()> = Mutex::new(());
 
     /// Exclusive right, within this machine's test runs, to change the huge-page pool or
@@ -303,7 +308,7 @@ pub mod pool {
         fn repair(&self) -> Vec<String> {
             let before = self.before;
             let mut problems = Vec::new();
-            let now = PoolState::wait_until(SETTLE, |s| {
+            let now = PoolState::wait_until(GUARD_SETTLE, |s| {
                 s.nr_hugepages == before.nr_hugepages && s.surplus <= before.surplus
             })
             .nr_hugepages;
@@ -345,9 +350,51 @@ pub mod pool {
                     before.surplus,
                     after.surplus
                 ));
+                problems.push(format!("mapped by: {}", hugetlb_holders().join(", ")));
             }
             problems
         }
+    }
+
+    /// The processes that map huge pages now (`HugetlbPages` of `/proc/PID/status`), as
+    /// `PID (COMM): N kB`, to name the holder of pages a guard finds unreleased.
+    fn hugetlb_holders() -> Vec<String> {
+        let mut out = Vec::new();
+        let Ok(dir) = std::fs::read_dir("/proc") else {
+            return out;
+        };
+        for e in dir.flatten() {
+            let name = e.file_name();
+            let Some(pid) = name
+                .to_str()
+                .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+            else {
+                continue;
+            };
+            let Ok(status) = std::fs::read_to_string(e.path().join("status")) else {
+                continue;
+            };
+            let field = |key: &str| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(key))
+                    .map(str::trim)
+                    .unwrap_or("?")
+                    .to_string()
+            };
+            let kb = field("HugetlbPages:");
+            if kb != "0 kB" && kb != "?" {
+                out.push(format!(
+                    "{pid} ({}, {}): {kb}",
+                    field("Name:"),
+                    field("State:")
+                ));
+            }
+        }
+        if out.is_empty() {
+            out.push("no process (a file or a detached mount holds them)".into());
+        }
+        out
     }
 
     impl Drop for PoolGuard<'_> {

@@ -195,13 +195,10 @@ impl Msharefs {
     pub fn kill9(&self) {
         let pid = self.daemon_pid();
         kernel_glue::process::kill(pid, kernel_glue::consts::SIGKILL).expect("kill -9");
-        for _ in 0..200 {
-            if !kernel_glue::process::alive(pid) {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-        panic!("daemon {pid} survived SIGKILL");
+        assert!(
+            kernel_glue::process::wait_exited(pid, std::time::Duration::from_secs(2)),
+            "daemon {pid} survived SIGKILL"
+        );
     }
 
     /// Runs the `msharefs` CLI with `args`.

@@ -2,6 +2,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::time::Duration;
 
 use crate::check_retval;
 
@@ -27,8 +28,39 @@ pub fn kill(pid: u32, signal: i32) -> io::Result<()> {
     Ok(())
 }
 
-/// Whether a process with this pid exists (and is not a zombie we could still reap).
+/// Whether process `pid` still runs: it exists and not all of its threads have exited.
+///
+/// Asked of a pidfd, which turns readable only once the whole thread group has exited,
+/// that is after the process's memory and descriptors are gone. `/proc/PID/stat` would
+/// not do: it shows the main thread, which can be a zombie while other threads still run
+/// and still hold the process's mappings. A pid that is not a thread-group leader (no
+/// pidfd) is judged by its `/proc/PID/stat` state.
 pub fn alive(pid: u32) -> bool {
+    match pidfd_open(pid) {
+        Ok(fd) => !matches!(crate::fd::readable_within(&fd, Duration::ZERO), Ok(true)),
+        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => false,
+        Err(_) => proc_state_alive(pid),
+    }
+}
+
+/// Waits up to `timeout` for process `pid` to exit with all its threads (see [`alive`]);
+/// returns whether it has.
+pub fn wait_exited(pid: u32, timeout: Duration) -> bool {
+    match pidfd_open(pid) {
+        Ok(fd) => matches!(crate::fd::readable_within(&fd, timeout), Ok(true)),
+        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => true,
+        Err(_) => {
+            let deadline = std::time::Instant::now() + timeout;
+            while proc_state_alive(pid) && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            !proc_state_alive(pid)
+        }
+    }
+}
+
+/// Whether `/proc/PID/stat` shows a state other than zombie or dead.
+fn proc_state_alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(s) => {
             // Field 3, after the parenthesised comm, is the state.
@@ -157,6 +189,38 @@ mod tests {
             pidfd_open(child.id()).unwrap_err().raw_os_error(),
             Some(libc::ESRCH)
         );
+    }
+
+    #[test]
+    fn a_process_runs_until_its_last_thread_exits() {
+        // The main thread leaves with pthread_exit(3); a second thread runs on.
+        let mut child = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import ctypes, threading, time\n\
+                 threading.Thread(target=time.sleep, args=(30,)).start()\n\
+                 ctypes.CDLL(None).pthread_exit(None)",
+            ])
+            .spawn()
+            .expect("python3");
+        let pid = child.id();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while proc_state_alive(pid) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "main thread never exited"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // /proc/PID/stat shows a zombie; the process still runs.
+        assert!(alive(pid));
+        assert!(!wait_exited(pid, Duration::from_millis(50)));
+        kill(pid, libc::SIGKILL).unwrap();
+        assert!(wait_exited(pid, Duration::from_secs(5)));
+        assert!(!alive(pid), "exited, not yet reaped");
+        child.wait().unwrap();
+        assert!(!alive(pid), "reaped");
+        assert!(wait_exited(pid, Duration::ZERO));
     }
 
     #[test]

@@ -365,14 +365,14 @@ pub fn umount(mountpoint: &Path, purge: bool) -> std::io::Result<()> {
     let state = paths::state_dir_for(&mnt);
     if let Some(pid) = state.running_pid() {
         process::kill(pid, kernel_glue::consts::SIGTERM)?;
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while process::alive(pid) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        if process::alive(pid) {
+        // Until every thread is gone: only then are its host mappings (and so the pages
+        // a purge gives back) released.
+        if !process::wait_exited(pid, Duration::from_secs(20)) {
             log::warn!("daemon {pid} did not stop; killing it");
             let _ = process::kill(pid, kernel_glue::consts::SIGKILL);
-            std::thread::sleep(Duration::from_millis(200));
+            if !process::wait_exited(pid, Duration::from_secs(5)) {
+                log::warn!("daemon {pid} still exiting after SIGKILL");
+            }
         }
     }
     let mut was_mounted = false;
