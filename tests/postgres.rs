@@ -982,8 +982,21 @@ fn postgres_sysv_and_posix_dsm_on_msharefs_under_the_shim() {
     let (key, id) = shmem_key_and_id(&c);
     let seg = segment(id).expect("the segment in /proc/sysvipc/shm");
     assert_eq!(seg.key as u64, key, "{seg:?}");
-    let procs = c.processes().len() as u64;
-    assert_eq!(seg.nattch, procs, "every server process counts: {seg:?}");
+    // The backend of the last psql may still be exiting (attached when the segment is
+    // read, gone when the processes are listed): compare until both readings agree.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let procs = loop {
+        let seg = segment(id).expect("the segment in /proc/sysvipc/shm");
+        let procs = c.processes().len() as u64;
+        if seg.nattch == procs {
+            break procs;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "every server process counts: {seg:?}, {procs} processes"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
     let listed = Command::new("ipcs").args(["-m"]).output().unwrap();
     assert!(
         String::from_utf8_lossy(&listed.stdout)
