@@ -4,7 +4,7 @@
  * backing), mmap at a 1 GiB-aligned address, and the touch (one store per 2 MiB page).
  *
  *     cc -O2 -o /tmp/attach_steps bench/attach_steps.c
- *     for i in $(seq 40); do /tmp/attach_steps /mnt/msharefs/REGION; done
+ *     for i in $(seq 60); do /tmp/attach_steps /mnt/msharefs/REGION; done
  *
  * Each run prints one line; take the medians. Unlike attach_steps.py (which times the
  * same steps from Python, warm or fresh), this shows where a fresh process waits for the
