@@ -239,30 +239,7 @@ impl Mapping {
             (0, whole, offset, 0),
             (whole, granule, offset + whole as u64, libc::MAP_NORESERVE),
         ];
-        for (at, n, off, extra) in pieces {
-            if n == 0 {
-                continue;
-            }
-            let off = libc::off_t::try_from(off).map_err(|_| bad())?;
-            // SAFETY: `[addr + at, addr + at + n)` lies inside the reservation we own, so
-            // MAP_FIXED replaces only our own pages.
-            let got = unsafe {
-                crate::shim_sys::raw_mmap(
-                    (addr + at) as *mut libc::c_void,
-                    n,
-                    prot.bits(),
-                    libc::MAP_SHARED | libc::MAP_FIXED | extra,
-                    fd.as_fd().as_raw_fd(),
-                    off,
-                )
-            };
-            if got == libc::MAP_FAILED {
-                let err = io::Error::last_os_error();
-                // SAFETY: the whole reservation (and what we mapped in it) is ours.
-                unsafe { crate::shim_sys::raw_munmap(addr as *mut libc::c_void, mapped) };
-                return Err(err);
-            }
-        }
+        Self::map_into(fd.as_fd(), addr, mapped, &pieces, prot)?;
         Ok(Mapping {
             addr,
             len: len as usize,
@@ -279,7 +256,6 @@ impl Mapping {
         align: u64,
         shift: u64,
     ) -> io::Result<Mapping> {
-        let offset = libc::off_t::try_from(offset).map_err(|_| crate::errno(libc::EINVAL))?;
         if len == 0 || !align.is_power_of_two() || align < crate::PAGE_SIZE {
             return Err(crate::errno(libc::EINVAL));
         }
@@ -291,30 +267,60 @@ impl Mapping {
         // `shift < align`, which fits a usize.
         let shift = shift as usize;
         let addr = crate::shim_sys::reserve_aligned(len, align, shift)?;
-        // SAFETY: [addr, addr + len) is the reservation we own, so MAP_FIXED replaces only
-        // our own PROT_NONE pages.
-        let got = unsafe {
-            crate::shim_sys::raw_mmap(
-                addr as *mut libc::c_void,
-                len,
-                prot.bits(),
-                libc::MAP_SHARED | libc::MAP_FIXED,
-                fd.as_raw_fd(),
-                offset,
-            )
-        };
-        if got == libc::MAP_FAILED {
-            let err = io::Error::last_os_error();
-            // SAFETY: the whole reservation is ours and nothing references it.
-            unsafe { crate::shim_sys::raw_munmap(addr as *mut libc::c_void, len) };
-            return Err(err);
-        }
+        Self::map_into(fd, addr, len, &[(0, len, offset, 0)], prot)?;
         Ok(Mapping {
             addr,
             len,
             mapped: len,
             prot,
         })
+    }
+
+    /// Maps `pieces` of `fd` (each: offset into the reservation, length, file offset,
+    /// extra `mmap` flags) `MAP_SHARED|MAP_FIXED` into the reservation
+    /// `[addr, addr + reserved)` that [`crate::shim_sys::reserve_aligned`] made for the
+    /// caller. On failure the whole reservation is unmapped and the kernel's errno
+    /// returned (`EINVAL` for a file offset beyond `off_t`).
+    fn map_into(
+        fd: std::os::fd::BorrowedFd<'_>,
+        addr: usize,
+        reserved: usize,
+        pieces: &[(usize, usize, u64, i32)],
+        prot: Protection,
+    ) -> io::Result<()> {
+        for &(at, n, off, extra) in pieces {
+            if n == 0 {
+                continue;
+            }
+            let got = libc::off_t::try_from(off)
+                .map_err(|_| crate::errno(libc::EINVAL))
+                .and_then(|off| {
+                    // SAFETY: `[addr + at, addr + at + n)` lies inside the reservation the
+                    // caller owns, so MAP_FIXED replaces only its own pages.
+                    let p = unsafe {
+                        crate::shim_sys::raw_mmap(
+                            (addr + at) as *mut libc::c_void,
+                            n,
+                            prot.bits(),
+                            libc::MAP_SHARED | libc::MAP_FIXED | extra,
+                            fd.as_raw_fd(),
+                            off,
+                        )
+                    };
+                    if p == libc::MAP_FAILED {
+                        Err(io::Error::last_os_error())
+                    } else {
+                        Ok(())
+                    }
+                });
+            if let Err(e) = got {
+                // SAFETY: the whole reservation (and what was mapped in it) is the
+                // caller's and nothing references it yet.
+                unsafe { crate::shim_sys::raw_munmap(addr as *mut libc::c_void, reserved) };
+                return Err(e);
+            }
+        }
+        Ok(())
     }
 
     /// Start address.
