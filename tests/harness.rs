@@ -359,38 +359,17 @@ pub mod pool {
     /// The processes that map huge pages now (`HugetlbPages` of `/proc/PID/status`), as
     /// `PID (COMM): N kB`, to name the holder of pages a guard finds unreleased.
     fn hugetlb_holders() -> Vec<String> {
-        let mut out = Vec::new();
-        let Ok(dir) = std::fs::read_dir("/proc") else {
-            return out;
-        };
-        for e in dir.flatten() {
-            let name = e.file_name();
-            let Some(pid) = name
-                .to_str()
-                .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
-            else {
-                continue;
-            };
-            let Ok(status) = std::fs::read_to_string(e.path().join("status")) else {
-                continue;
-            };
-            let field = |key: &str| {
-                status
-                    .lines()
-                    .find_map(|l| l.strip_prefix(key))
-                    .map(str::trim)
-                    .unwrap_or("?")
-                    .to_string()
-            };
-            let kb = field("HugetlbPages:");
-            if kb != "0 kB" && kb != "?" {
-                out.push(format!(
-                    "{pid} ({}, {}): {kb}",
-                    field("Name:"),
-                    field("State:")
-                ));
-            }
-        }
+        let mut out: Vec<String> = kernel_glue::procfs::pids()
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|pid| {
+                let bytes = kernel_glue::procfs::hugetlb_bytes(pid)
+                    .ok()
+                    .filter(|&b| b > 0)?;
+                let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+                Some(format!("{pid} ({}): {} kB", comm.trim(), bytes >> 10))
+            })
+            .collect();
         if out.is_empty() {
             out.push("no process (a file or a detached mount holds them)".into());
         }

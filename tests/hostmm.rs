@@ -13,18 +13,6 @@ use msharefs_tests::{Attach, Helper, PoolGuard, Probe, loud, probe_bin, require_
 
 const GIB: u64 = 1 << 30;
 
-fn create_region(fs: &Msharefs, name: &str, size: u64) -> std::path::PathBuf {
-    let p = fs.path(name);
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(&p)
-        .unwrap();
-    f.set_len(size).unwrap();
-    p
-}
-
 fn region<'a>(stat: &'a serde_json::Value, path: &str) -> &'a serde_json::Value {
     stat["regions"]
         .as_array()
@@ -73,7 +61,7 @@ fn first_and_returning_attachers_link_the_host_tables() {
     let _pool = PoolGuard::new();
     let fs = Msharefs::mount("hostmm-first", &["--backing", "hugetlb"]);
     let size = 4 * GIB;
-    let p = create_region(&fs, "sga", size);
+    let p = fs.create_region("sga", size);
     // The daemon populates its host mapping in the background; stat shows the progress.
     let r = wait_for(&fs, "/sga", Duration::from_secs(300), |r| {
         r["populated"] == size
@@ -130,7 +118,7 @@ fn zero_table_budget_releases_idle_tables_and_keeps_data() {
         "hostmm-budget",
         &["--backing", "hugetlb", "--table-budget", "0"],
     );
-    let p = create_region(&fs, "pool", GIB);
+    let p = fs.create_region("pool", GIB);
     Probe::run(
         probe_bin!(),
         &Attach::new(&p, Protection::ReadWrite).write_pattern(11),
@@ -214,7 +202,7 @@ fn stat_follows_attach_detach_and_kill() {
     }
     let _pool = PoolGuard::new();
     let fs = Msharefs::mount("hostmm-stat", &["--backing", "hugetlb"]);
-    let p = create_region(&fs, "shared", GIB);
+    let p = fs.create_region("shared", GIB);
     let mut probes: Vec<Probe> = (0..3)
         .map(|_| {
             let mut pr =
@@ -266,7 +254,7 @@ fn attach_during_population_works() {
     }
     let _pool = PoolGuard::new();
     let fs = Msharefs::mount("hostmm-early", &["--backing", "hugetlb"]);
-    let p = create_region(&fs, "early", 2 * GIB);
+    let p = fs.create_region("early", 2 * GIB);
     // Right away, while the daemon is still building its host tables.
     let early = region(&fs.stat(), "/early")["populated"].as_u64().unwrap();
     let rep = Probe::run(
@@ -303,7 +291,7 @@ fn a_partial_last_gib_shares_its_table_too() {
     let fs = Msharefs::mount("hostmm-tail", &["--backing", "hugetlb"]);
     // 2 GiB and 128 MiB: two whole GiB and 64 huge pages of a third one.
     let size = 2 * GIB + (128 << 20);
-    let p = create_region(&fs, "sga", size);
+    let p = fs.create_region("sga", size);
     wait_for(&fs, "/sga", Duration::from_secs(300), |r| {
         r["populated"] == size
     });

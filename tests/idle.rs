@@ -11,18 +11,12 @@ use std::time::{Duration, Instant};
 
 use kernel_glue::mapping::Protection;
 use msharefs_tests::mountguard::Msharefs;
+use msharefs_tests::seeded::env_u64;
 use msharefs_tests::{Attach, PoolGuard, Probe, loud, probe_bin, require_privileged};
 
 const GIB: u64 = 1 << 30;
 /// How long each idle phase is measured.
 const WINDOW: Duration = Duration::from_secs(60);
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// CPU time (user + system, clock ticks) and bytes read (`rchar`) of a process so far.
 #[derive(Debug, Clone, Copy)]
@@ -60,15 +54,11 @@ fn clock_ticks_per_second() -> u64 {
 
 /// Bytes one pass over every `/proc/PID/maps` on the machine reads now.
 fn one_scan_bytes() -> u64 {
-    let mut total = 0;
-    for e in std::fs::read_dir("/proc").expect("/proc").flatten() {
-        let name = e.file_name();
-        if name.to_str().is_some_and(|s| s.parse::<u32>().is_ok()) {
-            let p = e.path().join("maps");
-            total += std::fs::read(p).map_or(0, |b| b.len() as u64);
-        }
-    }
-    total
+    kernel_glue::procfs::pids()
+        .expect("/proc")
+        .into_iter()
+        .map(|pid| std::fs::read(format!("/proc/{pid}/maps")).map_or(0, |b| b.len() as u64))
+        .sum()
 }
 
 /// The daemon's pidfds (`anon_inode:[pidfd]` descriptors).
@@ -83,15 +73,7 @@ fn pidfds(pid: u32) -> usize {
 }
 
 fn processes() -> usize {
-    std::fs::read_dir("/proc")
-        .expect("/proc")
-        .flatten()
-        .filter(|e| {
-            e.file_name()
-                .to_str()
-                .is_some_and(|s| s.parse::<u32>().is_ok())
-        })
-        .count()
+    kernel_glue::procfs::pids().expect("/proc").len()
 }
 
 /// Measures the daemon over `WINDOW` and checks it read less than a tenth of what a scan of
@@ -163,23 +145,15 @@ fn idle_cost_does_not_grow_with_processes() {
     if !require_privileged("idle_cost_does_not_grow_with_processes") {
         return;
     }
-    let attachers = env_usize("MSHAREFS_IDLE_ATTACHERS", 1000);
-    let others = env_usize("MSHAREFS_IDLE_PROCESSES", 4000);
+    let attachers = env_u64("MSHAREFS_IDLE_ATTACHERS", 1000) as usize;
+    let others = env_u64("MSHAREFS_IDLE_PROCESSES", 4000) as usize;
     let hz = clock_ticks_per_second();
     let _pool = PoolGuard::new();
     // A table budget, so the shrinker may release tables and the rare reconcile with /proc
     // is on; large enough to keep the idle region's tables cached when nobody is attached.
     let fs = Msharefs::mount("idle", &["--backing", "hugetlb", "--table-budget", "1G"]);
     let daemon = fs.daemon_pid();
-    let p = fs.path("idle");
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(&p)
-        .expect("create region");
-    f.set_len(GIB).expect("size region");
-    drop(f);
+    let p = fs.create_region("idle", GIB);
 
     // 1. Idle attachers: each attaches through the socket and sleeps.
     let t = Instant::now();

@@ -169,6 +169,24 @@ impl Msharefs {
         self.mountpoint().join(name)
     }
 
+    /// Creates region `name` (mode 0666 less the umask, the mount's default backing) and
+    /// sizes it to `size`; returns its path.
+    ///
+    /// # Panics
+    /// When the region exists or cannot be created or sized.
+    pub fn create_region(&self, name: &str, size: u64) -> PathBuf {
+        let p = self.path(name);
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&p)
+            .unwrap_or_else(|e| panic!("create region {}: {e}", p.display()));
+        f.set_len(size)
+            .unwrap_or_else(|e| panic!("size region {}: {e}", p.display()));
+        p
+    }
+
     /// The state directory.
     pub fn state_dir(&self) -> PathBuf {
         self.root.path().join("state")

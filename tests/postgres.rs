@@ -572,10 +572,7 @@ impl<'p> Cluster<'p> {
     fn processes(&self) -> Vec<(u32, String)> {
         let pm = self.postmaster();
         let mut out = vec![(pm, cmdline(pm))];
-        for e in std::fs::read_dir("/proc").unwrap().flatten() {
-            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-                continue;
-            };
+        for pid in kernel_glue::procfs::pids().expect("/proc") {
             let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
                 continue;
             };

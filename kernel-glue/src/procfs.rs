@@ -63,6 +63,18 @@ pub fn vm_pte(pid: u32) -> io::Result<u64> {
         .ok_or_else(|| crate::errno(libc::EIO))
 }
 
+/// `HugetlbPages` of a process in bytes: the hugetlb pages its mappings hold.
+///
+/// # Errors
+/// `ENOENT` for a gone process; `EIO` when the field is missing (a zombie has no memory
+/// fields).
+pub fn hugetlb_bytes(pid: u32) -> io::Result<u64> {
+    let t = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    field_kb(&t, "HugetlbPages")
+        .map(|kb| kb * 1024)
+        .ok_or_else(|| crate::errno(libc::EIO))
+}
+
 /// The `KernelPageSize` in bytes of the VMA of `pid` that contains `addr`.
 ///
 /// # Errors
@@ -200,6 +212,14 @@ fn parse_smaps_vmas(text: &str, keep: impl Fn(&MapsEntry) -> bool) -> Vec<SmapsV
 /// # Errors
 /// Reading `/proc`.
 pub fn mappers_of(files: &[(u64, u64)]) -> io::Result<Mappers> {
+    Ok(mappers_among(&pids()?, files))
+}
+
+/// The pids of every process now (the numeric entries of `/proc`).
+///
+/// # Errors
+/// Reading `/proc`.
+pub fn pids() -> io::Result<Vec<u32>> {
     let mut pids = Vec::new();
     for entry in std::fs::read_dir("/proc")? {
         let Ok(entry) = entry else { continue };
@@ -211,7 +231,7 @@ pub fn mappers_of(files: &[(u64, u64)]) -> io::Result<Mappers> {
             pids.push(pid);
         }
     }
-    Ok(mappers_among(&pids, files))
+    Ok(pids)
 }
 
 /// What a scan of `/proc/PID/maps` found.
