@@ -381,6 +381,8 @@ mod tests {
         let mi = meminfo().unwrap();
         assert!(mi.page_tables > 0);
         assert!(vm_pte(me).unwrap() > 0);
+        assert_eq!(hugetlb_bytes(me).unwrap(), 0, "this test maps no huge pages");
+        assert!(pids().unwrap().contains(&me));
         let x = Box::new(5u64);
         assert_eq!(
             kernel_page_size(me, &*x as *const u64 as usize).unwrap(),
