@@ -381,7 +381,11 @@ mod tests {
         let mi = meminfo().unwrap();
         assert!(mi.page_tables > 0);
         assert!(vm_pte(me).unwrap() > 0);
-        assert_eq!(hugetlb_bytes(me).unwrap(), 0, "this test maps no huge pages");
+        assert_eq!(
+            hugetlb_bytes(me).unwrap(),
+            0,
+            "this test maps no huge pages"
+        );
         assert!(pids().unwrap().contains(&me));
         let x = Box::new(5u64);
         assert_eq!(

@@ -175,7 +175,7 @@ impl Attachers {
     /// Process `pid` was given the backing of region `ino` to map `slots` of it with
     /// `prot` (the attach socket's view).
     pub fn register(&self, pid: u32, ino: u64, prot: Protection, slots: Range<u32>) {
-        if pid == 0 || pid == std::process::id() {
+        if !is_client(pid) {
             return;
         }
         let mut st = self.lock();
@@ -316,7 +316,7 @@ impl Attachers {
         }
         st.procs.retain(|_, p| !p.holds.is_empty());
         for ((pid, ino), slots) in found {
-            if pid == 0 || pid == std::process::id() {
+            if !is_client(pid) {
                 continue;
             }
             if let Some(p) = self.entry(&mut st, pid) {
@@ -358,6 +358,12 @@ impl Attachers {
     }
 }
 
+/// Whether `pid` names a client: not the daemon itself (its host mappings are not
+/// attachments) and not 0 (a peer whose pid the kernel could not tell).
+fn is_client(pid: u32) -> bool {
+    pid != 0 && pid != std::process::id()
+}
+
 /// Starts the thread that learns of attachers' exits from their pidfds.
 pub fn spawn_watcher(core: Arc<Core>) {
     let r = std::thread::Builder::new()
@@ -372,9 +378,8 @@ pub fn spawn_watcher(core: Arc<Core>) {
 /// to its region's inode. The daemon's own mappings are left out. A writable VMA counts
 /// for the read-write set, any other for the read-only one.
 pub fn seen_in(mappers: &[Mapper], files: &HashMap<(u64, u64), u64>) -> Vec<Seen> {
-    let me = std::process::id();
     let mut out = Vec::new();
-    for m in mappers.iter().filter(|m| m.pid != me) {
+    for m in mappers.iter().filter(|m| is_client(m.pid)) {
         for v in &m.vmas {
             let Some(&ino) = files.get(&(v.dev, v.ino)) else {
                 continue;
