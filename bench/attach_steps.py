@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Times each step of an attach to a sized hugetlb region of a mounted msharefs, as a
 process makes it: open, fstat, fstatfs, the GET_INFO ioctl and the attach-socket round
-trip (connect, request with the region descriptor, reply with the backing), then close.
+trip (the request datagram with the reply socket and the region descriptor, the reply
+with the backing), then close.
 
     python3 bench/attach_steps.py /mnt/msharefs/REGION [N]
 
@@ -10,6 +11,7 @@ fresh processes, run it N times with N=1 and take the medians of the lines. Root
 needed, only read-write access to the region. Numbers in docs/BENCHMARKS.md ("After the
 attach work").
 """
+import array
 import fcntl
 import os
 import socket
@@ -41,9 +43,12 @@ def main():
         raw = bytes(info[SOCKET_PATH_OFFSET:])
         sock_path = raw[: raw.index(b"\0")].decode()
         t5 = time.perf_counter_ns()
-        c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        c.connect(sock_path)
-        socket.send_fds(c, [b"w"], [fd])
+        c, theirs = socket.socketpair()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            # (socket.send_fds ignores its address argument in Python 3.11.)
+            rights = array.array("i", [theirs.fileno(), fd])
+            s.sendmsg([b"w"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)], 0, sock_path)
+        theirs.close()
         msg, fds, _, _ = socket.recv_fds(c, REPLY_LEN, 1)
         t6 = time.perf_counter_ns()
         if len(msg) < 4 or int.from_bytes(msg[:4], sys.byteorder) != 0 or not fds:

@@ -16,7 +16,7 @@
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
@@ -1115,24 +1115,19 @@ fn socket_path(fs: &Msharefs) -> PathBuf {
     fs.state_dir().join("attach.sock")
 }
 
-/// Sends `data` with `fds` attached and returns the reply: the errno (0 for success) and
-/// whether a descriptor came back; `None` when the daemon closed without a reply.
+/// Sends `data` with `fds` attached, after a reply socket, as one request datagram, and
+/// returns the reply: the errno (0 for success) and whether a descriptor came back; `None`
+/// when the daemon closed the reply socket without a reply.
 fn attach_request(sock: &Path, data: &[u8], fds: &[BorrowedFd<'_>]) -> Option<(i32, bool)> {
-    let s = UnixStream::connect(sock).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(20)))
+    let (ours, theirs) = UnixStream::pair().expect("pair");
+    ours.set_read_timeout(Some(Duration::from_secs(20)))
         .expect("timeout");
-    match fds {
-        [] => {
-            if !data.is_empty() {
-                (&s).write_all(data).expect("send");
-            }
-        }
-        [one] => kernel_glue::socket::send_with_fd(&s, data, Some(one)).expect("send"),
-        many => send_many(&s, data, many),
-    }
-    s.shutdown(std::net::Shutdown::Write).expect("shutdown");
+    let mut all = vec![theirs.as_fd()];
+    all.extend_from_slice(fds);
+    send_request(sock, data, &all);
+    drop(theirs);
     let mut reply = [0u8; 4];
-    let (n, fd) = kernel_glue::socket::recv_with_fd(&s, &mut reply).expect("reply");
+    let (n, fd) = kernel_glue::socket::recv_with_fd(&ours, &mut reply).expect("reply");
     if n == 0 {
         return None;
     }
@@ -1140,28 +1135,40 @@ fn attach_request(sock: &Path, data: &[u8], fds: &[BorrowedFd<'_>]) -> Option<(i
     Some((i32::from_ne_bytes(reply), fd.is_some()))
 }
 
-/// `sendmsg` with several descriptors in one `SCM_RIGHTS` message.
-fn send_many(s: &UnixStream, data: &[u8], fds: &[BorrowedFd<'_>]) {
+/// `sendmsg` of one datagram to `sock` with any number of descriptors in one
+/// `SCM_RIGHTS` message (more than libmshare's sender allows).
+fn send_request(sock: &Path, data: &[u8], fds: &[BorrowedFd<'_>]) {
+    let s = std::os::unix::net::UnixDatagram::unbound().expect("socket");
     let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
     let mut iov = libc::iovec {
         iov_base: data.as_ptr() as *mut libc::c_void,
         iov_len: data.len(),
     };
+    let path = sock.as_os_str().as_encoded_bytes();
     let mut cbuf = [0u64; 32];
-    // SAFETY: zero is a valid msghdr; the control buffer (256 bytes) has room for the
+    // SAFETY: zero is a valid sockaddr_un and msghdr; the path fits sun_path (state
+    // directories of the tests are short); the control buffer (256 bytes) has room for the
     // header and up to 60 descriptors, more than any caller passes; every pointer stays
     // valid during sendmsg.
     unsafe {
+        let mut addr: libc::sockaddr_un = std::mem::zeroed();
+        addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+        assert!(path.len() < addr.sun_path.len(), "socket path too long");
+        std::ptr::copy_nonoverlapping(path.as_ptr(), addr.sun_path.as_mut_ptr().cast(), path.len());
         let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_name = (&raw mut addr).cast();
+        msg.msg_namelen = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
         msg.msg_iov = &mut iov;
         msg.msg_iovlen = 1;
-        msg.msg_control = cbuf.as_mut_ptr().cast();
-        msg.msg_controllen = libc::CMSG_SPACE((raw.len() * 4) as u32) as usize;
-        let c = libc::CMSG_FIRSTHDR(&msg);
-        (*c).cmsg_level = libc::SOL_SOCKET;
-        (*c).cmsg_type = libc::SCM_RIGHTS;
-        (*c).cmsg_len = libc::CMSG_LEN((raw.len() * 4) as u32) as usize;
-        std::ptr::copy_nonoverlapping(raw.as_ptr(), libc::CMSG_DATA(c).cast(), raw.len());
+        if !raw.is_empty() {
+            msg.msg_control = cbuf.as_mut_ptr().cast();
+            msg.msg_controllen = libc::CMSG_SPACE((raw.len() * 4) as u32) as usize;
+            let c = libc::CMSG_FIRSTHDR(&msg);
+            (*c).cmsg_level = libc::SOL_SOCKET;
+            (*c).cmsg_type = libc::SCM_RIGHTS;
+            (*c).cmsg_len = libc::CMSG_LEN((raw.len() * 4) as u32) as usize;
+            std::ptr::copy_nonoverlapping(raw.as_ptr(), libc::CMSG_DATA(c).cast(), raw.len());
+        }
         assert_eq!(
             libc::sendmsg(s.as_raw_fd(), &msg, 0),
             data.len() as isize,
@@ -1374,33 +1381,85 @@ fn attach_socket_refuses_everything_but_a_region_descriptor() {
         );
         tried += 1;
     }
-    // Many connections at once, all idle: the daemon still serves a real attach, drops
-    // the idle ones after its client timeout, and gets its descriptors back.
-    let idle: Vec<UnixStream> = (0..2000)
-        .map(|_| UnixStream::connect(&sock).expect("connect"))
-        .collect();
+    // Requests the daemon must not answer: without a reply socket, with a reply socket
+    // whose peer is another process (the daemon would speak into someone else's
+    // connection), with a file as the reply socket. Nothing may be written anywhere, and a
+    // real attach after them is served.
+    let (ours, theirs) = UnixStream::pair().expect("pair");
+    let memfd = kfd::memfd_create("reply-file", false).expect("memfd");
+    let mut listener_dir = fs.state_dir().to_path_buf();
+    listener_dir.pop();
+    let other_end = {
+        // A connection whose peer is another process: a child that holds its end.
+        let path = listener_dir.join(format!("hostile-peer-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let l = std::os::unix::net::UnixListener::bind(&path).expect("bind");
+        let mut child = std::process::Command::new("python3")
+            .arg("-c")
+            .arg(format!(
+                "import socket,sys,time; s=socket.socket(socket.AF_UNIX); s.connect({:?}); \
+                 sys.stdout.write('x'); sys.stdout.flush(); time.sleep(30)",
+                path.to_str().expect("utf-8 path")
+            ))
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3");
+        let (conn, _) = l.accept().expect("accept");
+        let _ = std::fs::remove_file(&path);
+        (conn, child.stdout.take(), child)
+    };
+    for (what, first) in [
+        ("no reply socket", None),
+        ("a memfd as the reply socket", Some(memfd.as_fd())),
+        (
+            "a connection to another process as the reply socket",
+            Some(other_end.0.as_fd()),
+        ),
+    ] {
+        let mut all: Vec<BorrowedFd<'_>> = first.into_iter().collect();
+        all.push(rw.as_fd());
+        send_request(&sock, &w, &all);
+        tried += 1;
+        assert_eq!(
+            attach_request(&sock, &w, &[rw.as_fd()]),
+            Some((0, true)),
+            "attach after a request with {what}"
+        );
+    }
+    assert_eq!(
+        kfd::fstat(&memfd).expect("fstat").size,
+        0,
+        "daemon wrote into a file"
+    );
+    other_end
+        .0
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .expect("timeout");
+    let mut b = [0u8; 1];
+    assert!(
+        (&other_end.0).read(&mut b).is_err(),
+        "daemon wrote into another process's connection"
+    );
+    let (_, _, mut child) = other_end;
+    let _ = child.kill();
+    let _ = child.wait();
+    drop((ours, theirs));
+    // Many requests whose replies nobody reads, all on one reply socket: the daemon's
+    // threads do not wait for that client, a real attach is still served, and the
+    // daemon gets its descriptors back once the client goes.
+    let (unread, theirs) = UnixStream::pair().expect("pair");
+    for _ in 0..2000 {
+        send_request(&sock, &w, &[theirs.as_fd(), no_size_fd.as_fd()]);
+    }
     let t = Instant::now();
     assert_eq!(
         attach_request(&sock, &w, &[rw.as_fd()]),
         Some((0, true)),
-        "attach while 2000 connections idle"
+        "attach after 2000 unread replies"
     );
     let busy_attach = t.elapsed();
     let threads_busy = kernel_glue::caps::thread_ids(pid).map_or(0, |t| t.len());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut closed = 0;
-    for mut s in idle {
-        s.set_read_timeout(Some(deadline.saturating_duration_since(Instant::now())))
-            .expect("timeout");
-        let mut b = [0u8; 1];
-        if matches!(s.read(&mut b), Ok(0)) {
-            closed += 1;
-        }
-    }
-    assert_eq!(
-        closed, 2000,
-        "idle connections closed by the daemon's client timeout"
-    );
+    drop((unread, theirs));
     drop((
         rw, ro, wo, path_only, dir, info, other_fd, no_size_fd, thp_fd,
     ));
@@ -1421,9 +1480,9 @@ fn attach_socket_refuses_everything_but_a_region_descriptor() {
     let log = fs.log();
     assert!(!log.contains("panicked"), "daemon panicked:\n{log}");
     loud(&format!(
-        "attach socket: {tried} hostile requests refused with the right errno; attach with \
-         2000 idle connections took {} ms ({threads_busy} daemon threads), all idle \
-         connections closed by the daemon; {threads_after} threads and {} descriptors after",
+        "attach socket: {tried} hostile requests refused with the right errno or dropped \
+         unanswered; attach after 2000 unread replies took {} ms ({threads_busy} daemon \
+         threads); {threads_after} threads and {} descriptors after",
         busy_attach.as_millis(),
         fd_count(pid)
     ));

@@ -619,3 +619,155 @@ fn umount8_stops_the_daemon_and_a_remount_waits_for_it() {
     assert_eq!(st["regions"][0]["path"], "/r");
     assert_eq!(st["regions"][0]["size"], 8192);
 }
+
+/// The link `/run/msharefs/by-dev/MAJOR:MINOR` of `mnt`'s mount, and where it leads.
+fn by_dev_link(mnt: &Path) -> (PathBuf, Option<PathBuf>) {
+    let dev = std::fs::metadata(mnt).expect("stat mount").dev();
+    let (major, minor) = kernel_glue::fd::major_minor(dev);
+    let link = Path::new(mshare::uapi::BY_DEV_DIR).join(format!("{major}:{minor}"));
+    let target = std::fs::read_link(&link).ok();
+    (link, target)
+}
+
+/// Runs `mshare-probe attach PATH --touch` under `strace` and returns the probe's report
+/// and the system calls strace saw (ioctl, sendmsg, connect).
+fn traced_attach(path: &Path, trace: &Path) -> (serde_json::Value, String) {
+    let out = Command::new("strace")
+        .args(["-f", "-e", "trace=ioctl,sendmsg,connect", "-o"])
+        .arg(trace)
+        .arg(msharefs_tests::probe_bin!())
+        .arg("attach")
+        .arg(path)
+        .arg("--touch")
+        .output()
+        .expect("run strace");
+    let report = String::from_utf8_lossy(&out.stdout);
+    let v: serde_json::Value = serde_json::from_str(report.lines().next().unwrap_or(""))
+        .unwrap_or_else(|e| panic!("probe report ({e}): {report}"));
+    (v, std::fs::read_to_string(trace).expect("strace output"))
+}
+
+/// A probe report of a hugetlb region of 1 GiB attached with its page table shared: every
+/// page touched, at most 2 faults (the shared table's and one more, as elsewhere).
+fn assert_attached(v: &serde_json::Value, what: &str) {
+    assert_eq!(v["touched"], 512, "{what}: {v}");
+    assert!(
+        v["touch_minor_faults"].as_u64().is_some_and(|f| f <= 2),
+        "{what}: page table not shared: {v}"
+    );
+}
+
+/// `MSHAREFS_GET_INFO` as strace prints it (it does not know msharefs's ioctls).
+fn get_info_calls(trace: &str) -> usize {
+    trace
+        .lines()
+        .filter(|l| l.contains("ioctl(") && l.contains("0x78, 0x10"))
+        .count()
+}
+
+#[test]
+#[ignore = "needs root: mounts msharefs (FUSE) and uses huge pages"]
+fn clients_find_the_daemon_by_device_number_and_fall_back_when_the_link_misleads() {
+    if !require_privileged("clients_find_the_daemon_by_device_number")
+        || !require_tool("strace", "clients_find_the_daemon_by_device_number")
+    {
+        return;
+    }
+    let _pool = PoolGuard::new();
+    let fs = Msharefs::mount("bydev", &["--backing", "hugetlb"]);
+    let other = Msharefs::mount("bydev-other", &["--backing", "hugetlb"]);
+    // A whole GiB: its page table is shared, so a touch takes one fault.
+    let region = fs.create_region("r", 1 << 30);
+    let thp = fs.path("thp");
+    drop(std::fs::File::create(&thp).expect("create thp"));
+    mshare::set_backing(&thp, mshare::Backing::Thp).expect("thp backing");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&thp)
+        .and_then(|f| f.set_len(4 << 20))
+        .expect("size thp");
+    let scratch = TempDir::new("bydev-trace").expect("scratch directory");
+    let trace = scratch.path().join("trace");
+    let socket = fs.state_dir().join("attach.sock");
+
+    // The daemon links its socket under its mount's device number.
+    let (link, target) = by_dev_link(&fs.mountpoint());
+    assert_eq!(
+        target.as_deref(),
+        Some(socket.as_path()),
+        "{}",
+        link.display()
+    );
+
+    // An open and attach of a hugetlb region asks the daemon nothing but the one request
+    // to that link: no GET_INFO, no connection.
+    let (v, seen) = traced_attach(&region, &trace);
+    assert_attached(&v, "through the link");
+    assert_eq!(get_info_calls(&seen), 0, "GET_INFO asked:\n{seen}");
+    let requests: Vec<&str> = seen.lines().filter(|l| l.contains("sendmsg(")).collect();
+    assert_eq!(requests.len(), 1, "requests:\n{seen}");
+    assert!(
+        requests[0].contains(&link.display().to_string()),
+        "{}",
+        requests[0]
+    );
+    assert!(!seen.contains("connect("), "a connection was made:\n{seen}");
+
+    // A thp region is mapped through FUSE passthrough: the request says ENODEV, and the
+    // client asks GET_INFO and maps the file.
+    let (v, _) = traced_attach(&thp, &trace);
+    assert_eq!(v["touched"], 2, "thp region: {v}");
+
+    // Links that mislead: to the other mount's daemon (which refuses a descriptor of this
+    // mount), to a socket nobody is bound to any more, or none at all. Each attach still
+    // works, through GET_INFO.
+    let dead = scratch.path().join("dead.sock");
+    drop(UnixDatagram::bind(&dead).expect("bind"));
+    let misleading = [
+        (
+            "the other mount's socket",
+            Some(other.state_dir().join("attach.sock")),
+        ),
+        ("a dead socket", Some(dead.clone())),
+        ("no link", None),
+    ];
+    for (what, to) in misleading {
+        std::fs::remove_file(&link).expect("remove link");
+        if let Some(to) = &to {
+            std::os::unix::fs::symlink(to, &link).expect("link");
+        }
+        let (v, seen) = traced_attach(&region, &trace);
+        assert_attached(&v, what);
+        assert!(
+            get_info_calls(&seen) >= 1,
+            "{what}: GET_INFO not asked:\n{seen}"
+        );
+    }
+    assert!(std::fs::read_link(&link).is_err(), "link left");
+
+    // A daemon killed with -9 leaves its link; the next daemon of the same state
+    // directory removes it (its mount has a new device number) and links its own, and
+    // umount removes that.
+    std::os::unix::fs::symlink(&socket, &link).expect("restore link");
+    fs.kill9();
+    assert!(std::fs::read_link(&link).is_ok(), "killed daemon's link");
+    fs.start();
+    let (new_link, target) = by_dev_link(&fs.mountpoint());
+    assert_eq!(target.as_deref(), Some(socket.as_path()));
+    if new_link != link {
+        assert!(std::fs::read_link(&link).is_err(), "stale link kept");
+    }
+    let (v, seen) = traced_attach(&region, &trace);
+    assert_attached(&v, "after the restart");
+    assert_eq!(get_info_calls(&seen), 0, "after the restart:\n{seen}");
+    assert!(fs.umount(true), "umount");
+    assert!(
+        std::fs::read_link(&new_link).is_err(),
+        "link left after umount"
+    );
+    loud(&format!(
+        "by-dev: {} -> {}; attach without GET_INFO; three misleading links fell back",
+        link.display(),
+        socket.display()
+    ));
+}

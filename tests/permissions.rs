@@ -34,7 +34,7 @@ const SYSTEM_PYTHON: &str = "/usr/bin/python3";
 /// JSON object: `{"regions": {name: {action: outcome}}, "global": {check: outcome}}`; an
 /// outcome is `ok`, an errno name, or `wrong-data` when the bytes read are not the marker.
 const PY_ATTACKER: &str = r#"
-import errno, fcntl, json, mmap, os, socket, struct, sys
+import array, errno, fcntl, json, mmap, os, socket, struct, sys
 cfg = json.loads(sys.argv[1])
 M, STATE, SOCK, SIZE = cfg["mount"], cfg["state"], cfg["socket"], cfg["size"]
 MARK = cfg["marker"].encode()
@@ -65,11 +65,18 @@ def mapped(fd, prot, write=False):
     finally:
         m.close()
 
+def request(msg, fds):
+    # One datagram to the attach socket with the socket to answer on; returns our end.
+    ours, theirs = socket.socketpair()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.sendmsg([msg], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                           array.array("i", [theirs.fileno()] + fds))], 0, SOCK)
+    theirs.close()
+    return ours
+
 def attach(path, flags, req):
     def f(fd):
-        s = socket.socket(socket.AF_UNIX)
-        s.connect(SOCK)
-        socket.send_fds(s, [req], [fd])
+        s = request(req, [fd])
         msg, fds, _, _ = socket.recv_fds(s, 4, 1)
         s.close()
         err = struct.unpack("i", msg)[0] if len(msg) == 4 else errno.EIO
@@ -131,9 +138,7 @@ for who in ["daemon", "holder"]:
     g[who + "_mem"] = res(lambda: with_fd("/proc/%d/mem" % cfg[who], R, lambda fd: None))
     g[who + "_environ"] = res(lambda: with_fd("/proc/%d/environ" % cfg[who], R, lambda fd: None))
 def stat_request():
-    s = socket.socket(socket.AF_UNIX)
-    s.connect(SOCK)
-    s.sendall(b"s")
+    s = request(b"s", [])
     body = b""
     while True:
         b = s.recv(65536)

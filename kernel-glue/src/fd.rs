@@ -121,6 +121,12 @@ impl Stat {
     }
 }
 
+/// The major and minor numbers of a device number (`st_dev`), as `/proc/self/mountinfo`
+/// writes them (`MAJOR:MINOR`).
+pub fn major_minor(dev: u64) -> (u32, u32) {
+    (libc::major(dev), libc::minor(dev))
+}
+
 /// Safe wrapper for `fstat(2)`.
 ///
 /// # Errors

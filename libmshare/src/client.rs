@@ -18,7 +18,7 @@ use std::ffi::{CStr, OsStr};
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{UnixDatagram, UnixStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -101,21 +101,66 @@ pub fn socket_path(info: &MshareRegionInfo) -> io::Result<&Path> {
     Ok(Path::new(OsStr::from_bytes(&info.socket_path[..end])))
 }
 
+/// The attach socket of the daemon of the msharefs mount whose device number is `dev`,
+/// as that daemon linked it in [`uapi::BY_DEV_DIR`]: found with one `stat`, without
+/// asking the daemon. `None` when there is no such link to a socket (not an msharefs
+/// mount, or a daemon that could not write there). A hint only (see
+/// [`uapi::BY_DEV_DIR`]): when a request to it fails, ask `GET_INFO`.
+pub fn socket_by_dev(dev: u64) -> Option<ByDev> {
+    let (major, minor) = kfd::major_minor(dev);
+    let mut p = StackStr::new();
+    p.push(uapi::BY_DEV_DIR.as_bytes())
+        .and_then(|()| p.push(b"/"))
+        .and_then(|()| p.push_u64(u64::from(major)))
+        .and_then(|()| p.push(b":"))
+        .and_then(|()| p.push_u64(u64::from(minor)))
+        .ok()?;
+    shim_sys::is_socket(p.as_cstr()).then_some(ByDev(p))
+}
+
+/// A path in [`uapi::BY_DEV_DIR`], from [`socket_by_dev`].
+#[derive(Clone)]
+pub struct ByDev(StackStr<64>);
+
+impl ByDev {
+    /// The path (a link to the daemon's attach socket).
+    pub fn path(&self) -> &Path {
+        Path::new(OsStr::from_bytes(self.0.bytes()))
+    }
+}
+
+impl std::fmt::Debug for ByDev {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.path().fmt(f)
+    }
+}
+
 /// Sends one request message `msg` (with descriptor `fd`, if any) to the daemon's socket
 /// and reads its reply (protocol in [`crate::uapi`]): the descriptor it sends, if any,
 /// and the region's info (zeros for a request that names no region).
 ///
+/// The request is one datagram that carries, first, one end of a new socket pair: the
+/// daemon answers on it, and the other end is ours alone. So one wake-up of the daemon
+/// serves the request (no connection to accept), and no other process can read the reply.
+///
 /// # Errors
-/// Connecting or talking to the socket; `EIO` for a malformed reply; the daemon's errno.
+/// Sending (`ECONNREFUSED` when the daemon is gone) or reading; `EIO` for a malformed
+/// reply or none; the daemon's errno.
 pub fn request(
     socket: &Path,
     msg: &[u8],
     fd: Option<BorrowedFd<'_>>,
 ) -> io::Result<(Option<OwnedFd>, MshareRegionInfo)> {
-    let stream = UnixStream::connect(socket)?;
-    socket::send_with_fd(&stream, msg, fd)?;
+    let (ours, theirs) = UnixStream::pair()?;
+    let sender = UnixDatagram::unbound()?;
+    match fd {
+        Some(fd) => socket::send_to_with_fds(&sender, socket, msg, &[theirs.as_fd(), fd])?,
+        None => socket::send_to_with_fds(&sender, socket, msg, &[theirs.as_fd()])?,
+    }
+    // Only the daemon holds the other end now: should it drop the request, we read EOF.
+    drop(theirs);
     let mut reply = [0u8; std::mem::size_of::<AttachReply>()];
-    let (mut n, fd) = socket::recv_with_fd(&stream, &mut reply)?;
+    let (mut n, fd) = socket::recv_with_fd(&ours, &mut reply)?;
     if n < uapi::STATUS_LEN {
         return Err(kernel_glue::errno(EIO));
     }
@@ -125,7 +170,7 @@ pub fn request(
     }
     // A stream socket may deliver the rest of the reply in further reads.
     while n < reply.len() {
-        match io::Read::read(&mut &stream, &mut reply[n..]) {
+        match io::Read::read(&mut &ours, &mut reply[n..]) {
             Ok(0) => return Err(kernel_glue::errno(EIO)),
             Ok(m) => n += m,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}

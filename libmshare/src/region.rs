@@ -29,6 +29,11 @@ enum Kind {
     Direct,
     /// A region file on msharefs, as its daemon described it.
     Msharefs { info: Box<MshareRegionInfo> },
+    /// A region file on msharefs whose daemon linked its attach socket under the file's
+    /// device number (`client::socket_by_dev`), not asked anything yet: its first attach
+    /// asks that socket for the backing, whose reply carries the info too, which spares
+    /// the `GET_INFO` round trip. Whatever needs the info before asks `GET_INFO`.
+    Unasked { socket: client::ByDev },
 }
 
 /// The open file of a region and what its daemon said about it. Replaced as a whole
@@ -36,9 +41,26 @@ enum Kind {
 #[derive(Debug)]
 struct Open {
     fd: OwnedFd,
+    /// For [`Kind::Unasked`], the size `fstat` reports, until the daemon is asked.
     size: u64,
+    /// For [`Kind::Unasked`], `Default`, until the daemon is asked.
     backing: Backing,
     kind: Kind,
+}
+
+impl Open {
+    /// Records what the daemon said of a region not asked yet.
+    fn learn(&mut self, info: MshareRegionInfo) -> io::Result<()> {
+        if matches!(self.kind, Kind::Unasked { .. }) {
+            self.backing =
+                Backing::from_raw(info.backing).ok_or_else(|| kernel_glue::errno(EINVAL))?;
+            self.size = info.size;
+            self.kind = Kind::Msharefs {
+                info: Box::new(info),
+            };
+        }
+        Ok(())
+    }
 }
 
 /// An open region. Dropping it closes the descriptor; attachments stay valid.
@@ -174,11 +196,24 @@ impl Region {
         }
         let fd = kfd::open(path, oflags, 0)?;
         let writable = acc == consts::O_RDWR;
+        let st = kfd::fstat(&fd)?;
+        // A file of an msharefs mount whose daemon linked its socket under the mount's
+        // device number: nothing to ask now (see `Kind::Unasked`).
+        if st.mode & libc::S_IFMT == libc::S_IFREG && st.ino != uapi::MSHARE_INFO_INO {
+            if let Some(socket) = client::socket_by_dev(st.dev) {
+                let open = Open {
+                    fd,
+                    size: st.size,
+                    backing: Backing::Default,
+                    kind: Kind::Unasked { socket },
+                };
+                return Self::with_ino(path, open, writable, st.ino);
+            }
+        }
         // A region of msharefs answers GET_INFO: ask it first, which spares the round trip
         // to the daemon that `fstatfs` of a FUSE file costs. Only a regular file is asked
         // (a device would read the ioctl as its own); another file system answers ENOTTY
         // (ENODEV here), and `fstatfs` then tells hugetlbfs from the rest.
-        let st = kfd::fstat(&fd)?;
         let info = if st.mode & libc::S_IFMT == libc::S_IFREG {
             match client::info(fd.as_fd()) {
                 Ok(info) => Some(info),
@@ -208,14 +243,31 @@ impl Region {
         self.open.read().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// The open region, with what its daemon says of it: a region not asked yet is asked
+    /// now (`GET_INFO`; reopened if its daemon was restarted). Should that fail, it stays
+    /// unasked, with the size `fstat` reported and the `Default` backing.
+    fn asked(&self) -> std::sync::RwLockReadGuard<'_, Open> {
+        if matches!(self.read().kind, Kind::Unasked { .. }) {
+            let info = self.with_open(|open| client::info(open.fd.as_fd()));
+            if let Ok(info) = info {
+                let _ = self.write().learn(info);
+            }
+        }
+        self.read()
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Open> {
+        self.open.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Region size in bytes (0 while its size is unset).
     pub fn size(&self) -> u64 {
-        self.read().size
+        self.asked().size
     }
 
     /// The region's backing.
     pub fn backing(&self) -> Backing {
-        self.read().backing
+        self.asked().backing
     }
 
     /// Whether the region was opened for writing.
@@ -255,14 +307,14 @@ impl Region {
 
     /// Whether `open`'s descriptor belongs to a FUSE connection whose daemon is gone.
     fn connection_lost(&self, open: &Open) -> bool {
-        matches!(open.kind, Kind::Msharefs { .. })
+        !matches!(open.kind, Kind::Direct)
             && client::info(open.fd.as_fd()).is_err_and(|e| client::is_dead_connection(&e))
     }
 
     /// Opens the region again by its path, unless another thread already did, and checks
     /// that it is the same region.
     fn reopen(&self) -> io::Result<()> {
-        let mut open = self.open.write().unwrap_or_else(PoisonError::into_inner);
+        let mut open = self.write();
         if !self.connection_lost(&open) {
             return Ok(());
         }
@@ -277,8 +329,9 @@ impl Region {
         }
         let new = msharefs_open(fd)?;
         // A size, once set, never changes; a region found with another size or backing
-        // is not the one this handle had.
-        if new.backing != open.backing || (open.size != 0 && new.size != open.size) {
+        // is not the one this handle had (of one never asked, only the inode is known).
+        let asked = !matches!(open.kind, Kind::Unasked { .. });
+        if asked && (new.backing != open.backing || (open.size != 0 && new.size != open.size)) {
             return Err(kernel_glue::errno(ESTALE));
         }
         *open = new;
@@ -305,16 +358,21 @@ impl Region {
         if prot == Protection::ReadWrite && !self.writable {
             return Err(kernel_glue::errno(EACCES));
         }
+        if let Some(a) = self.attach_unasked(prot, cover)? {
+            return Ok(a);
+        }
         self.with_open(|open| {
             if open.size == 0 {
                 return Err(kernel_glue::errno(EINVAL));
             }
+            let attach = |info: &MshareRegionInfo| {
+                let m = client::attach(open.fd.as_fd(), info, prot, cover)?;
+                let g = client::guard(&m, info)?;
+                Ok::<_, io::Error>((m, g))
+            };
             let (mapping, guard) = match &open.kind {
-                Kind::Msharefs { info } => {
-                    let m = client::attach(open.fd.as_fd(), info, prot, cover)?;
-                    let g = client::guard(&m, info)?;
-                    (m, g)
-                }
+                Kind::Msharefs { info } => attach(info)?,
+                Kind::Unasked { .. } => attach(&client::info(open.fd.as_fd())?)?,
                 Kind::Direct => (
                     Mapping::map_aligned(&open.fd, open.size, prot, uapi::MSHARE_GRANULE)?,
                     None,
@@ -322,6 +380,40 @@ impl Region {
             };
             Ok(Attachment { mapping, guard })
         })
+    }
+
+    /// The first attach of a region not asked yet ([`Kind::Unasked`]): one request to the
+    /// socket found by the file's device number, whose reply carries the backing and the
+    /// info. `None` when the region was asked already, or when that request cannot settle
+    /// it (a thp or shmem region, `ENODEV`; a stale link; a daemon that is gone): then the
+    /// caller asks the usual way, which maps the file or reports the error.
+    fn attach_unasked(&self, prot: Protection, cover: Cover) -> io::Result<Option<Attachment>> {
+        let reply = {
+            let open = self.read();
+            let Kind::Unasked { socket } = &open.kind else {
+                return Ok(None);
+            };
+            client::request_backing(socket.path(), open.fd.as_fd(), prot)
+        };
+        match reply {
+            Ok((backing, info)) => {
+                self.write().learn(info)?;
+                let mapping = client::map_backing(backing.as_fd(), info.size, prot, cover)?;
+                let guard = client::guard(&mapping, &info)?;
+                Ok(Some(Attachment { mapping, guard }))
+            }
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(ENODEV | EBADF | ENOENT | ECONNREFUSED | ENOTCONN | EIO)
+                ) =>
+            {
+                // Ask now, so that later attaches go the usual way at once.
+                drop(self.asked());
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Creates an anonymous object of `size` bytes at `region_offset`, with protection

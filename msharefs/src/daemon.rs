@@ -286,6 +286,13 @@ fn run_daemon(mnt: &Path, opts: &MountOpts, tell_parent: bool) -> std::io::Resul
     // The session threads answer now, so stat of our own root cannot deadlock.
     let dev = kfd::stat(mnt).map_err(|e| at(mnt, e))?.dev;
     let _ = core.fuse_dev.set(dev);
+    if let Err(e) = paths::link_by_dev(dev, &socket) {
+        // Clients then ask GET_INFO for the socket: one round trip more per attach.
+        log::warn!(
+            "cannot link the attach socket in {}: {e}",
+            mshare_uapi::BY_DEV_DIR
+        );
+    }
     let _ = core.mountpoint.set(mnt.to_path_buf());
     let _ = core.notifier.set(bg.notifier());
     crate::hardening::drop_capabilities();
@@ -345,6 +352,7 @@ fn run_daemon(mnt: &Path, opts: &MountOpts, tell_parent: bool) -> std::io::Resul
         }
     }
     let _ = std::fs::remove_file(state.pid_file());
+    paths::unlink_by_dev(&socket);
     log::info!(
         "stopped ({}); region data kept in {}",
         if by_kernel { "unmounted" } else { "signalled" },
@@ -375,6 +383,8 @@ pub fn umount(mountpoint: &Path, purge: bool) -> std::io::Result<()> {
             }
         }
     }
+    // A daemon that had to be killed left its link.
+    paths::unlink_by_dev(&state.socket());
     let mut was_mounted = false;
     while let Some(m) = mount::mount_at(&mnt)? {
         if !m.fstype.starts_with("fuse") {

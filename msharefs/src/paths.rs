@@ -280,6 +280,40 @@ pub fn register(mountpoint: &Path, state: &Path) -> std::io::Result<()> {
     std::os::unix::fs::symlink(state, entry)
 }
 
+/// The link to a mount's attach socket under the mount's device number
+/// ([`mshare_uapi::BY_DEV_DIR`]), by which clients find the socket without asking.
+pub fn by_dev_entry(dev: u64) -> PathBuf {
+    let (major, minor) = kernel_glue::fd::major_minor(dev);
+    Path::new(mshare_uapi::BY_DEV_DIR).join(format!("{major}:{minor}"))
+}
+
+/// Links `socket` as the [`by_dev_entry`] of `dev`, after removing the links to `socket`
+/// that an earlier daemon of the same state directory left (it was killed, and its mount
+/// had another device number).
+///
+/// # Errors
+/// Creating the directory or the link.
+pub fn link_by_dev(dev: u64, socket: &Path) -> std::io::Result<()> {
+    unlink_by_dev(socket);
+    let entry = by_dev_entry(dev);
+    std::fs::create_dir_all(mshare_uapi::BY_DEV_DIR)?;
+    // A link of a daemon that died, whose device number this mount has now.
+    let _ = std::fs::remove_file(&entry);
+    std::os::unix::fs::symlink(socket, entry)
+}
+
+/// Removes every link to `socket` from [`mshare_uapi::BY_DEV_DIR`], and nothing else.
+pub fn unlink_by_dev(socket: &Path) {
+    let Ok(dir) = std::fs::read_dir(mshare_uapi::BY_DEV_DIR) else {
+        return;
+    };
+    for e in dir.flatten() {
+        if std::fs::read_link(e.path()).is_ok_and(|t| t == socket) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,7 +16,7 @@ use mshare_uapi::Backing;
 /// Inode number of the root directory (FUSE's fixed root).
 pub const ROOT_INO: u64 = 1;
 /// Inode number of `mshare_info`.
-pub const INFO_INO: u64 = 2;
+pub const INFO_INO: u64 = mshare_uapi::MSHARE_INFO_INO;
 /// First inode number handed to user-created nodes. Inode numbers are never reused, so a
 /// descriptor of a removed region can never be mistaken for a new one.
 const FIRST_INO: u64 = 16;

@@ -8,10 +8,14 @@
 //! hugetlb backing cannot be reached through FUSE passthrough: a client proves its access
 //! by passing its open msharefs descriptor to the daemon's attach socket and receives the
 //! backing file opened with no more access than that descriptor has, with the region's
-//! [`MshareRegionInfo`] in the same reply (one round trip per attach).
+//! [`MshareRegionInfo`] in the same reply (one datagram and its reply per attach; see
+//! [`ATTACH_READ`]).
 
 /// Root file holding the sharing granule as decimal text and a newline.
 pub const MSHARE_INFO_NAME: &str = "mshare_info";
+/// Inode number of the `mshare_info` file (the root directory is 1): the one regular file
+/// of a mount that is not a region.
+pub const MSHARE_INFO_INO: u64 = 2;
 /// The granule msharefs reports: the range one shared PMD page-table page covers.
 pub const MSHARE_GRANULE: u64 = 1 << 30;
 /// Whether the mappings of a hugetlb region of `size` bytes cover its last, partial
@@ -55,6 +59,14 @@ pub fn parse_size(s: &[u8]) -> Option<u64> {
     }
     n.checked_mul(1u64 << shift)
 }
+
+/// Directory in which each daemon links its attach socket under the device number of its
+/// mount, as `MAJOR:MINOR` in decimal (`/proc/self/mountinfo`'s notation): a client that
+/// has a region's descriptor finds the daemon's socket from `fstat` alone, without asking
+/// the daemon (`MSHAREFS_GET_INFO`), and an attach is then one request. Only root writes
+/// here. An entry is a hint: one left by a daemon that died may name a socket nobody is
+/// bound to any more, and a daemon refuses a descriptor of another mount (`EBADF`).
+pub const BY_DEV_DIR: &str = "/run/msharefs/by-dev";
 
 /// Extended attribute that chooses a region's backing before its size is set.
 pub const BACKING_XATTR: &str = match BACKING_XATTR_C.to_str() {
@@ -259,10 +271,16 @@ impl Backing {
     }
 }
 
-/// Attach protocol: the client sends one request byte with its msharefs descriptor
-/// attached; `ATTACH_READ` asks for a read-only backing descriptor, `ATTACH_WRITE` for a
-/// read-write one (refused with `EACCES` unless the passed descriptor is open for writing).
-/// Only the first byte counts.
+/// The attach socket is a datagram socket. A request is one datagram: the request bytes,
+/// with descriptors attached (`SCM_RIGHTS`): first the socket the reply goes to (one end
+/// of a stream socket pair whose other end the client keeps), then the descriptor the
+/// request names, if any. The kernel adds the sender's credentials (`SCM_CREDENTIALS`).
+/// A request without a reply socket is dropped unanswered. Every reply is written to the
+/// reply socket, which the daemon then closes.
+///
+/// Attach: one request byte with the client's msharefs descriptor; `ATTACH_READ` asks
+/// for a read-only backing descriptor, `ATTACH_WRITE` for a read-write one (refused with
+/// `EACCES` unless the passed descriptor is open for writing). Only the first byte counts.
 pub const ATTACH_READ: u8 = b'r';
 /// See [`ATTACH_READ`].
 pub const ATTACH_WRITE: u8 = b'w';
