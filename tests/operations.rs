@@ -13,7 +13,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use msharefs_tests::mountguard::{Msharefs, msharefs_bin};
-use msharefs_tests::{PoolGuard, TempDir, loud, require_privileged};
+use msharefs_tests::{HugetlbfsDir, PoolGuard, TempDir, loud, require_privileged};
 use support_lib::require_tool;
 
 /// A link named `mount.msharefs` to the built binary in `dir`, as `make install` makes
@@ -620,6 +620,15 @@ fn umount8_stops_the_daemon_and_a_remount_waits_for_it() {
     assert_eq!(st["regions"][0]["size"], 8192);
 }
 
+/// Removes a file when dropped (a link the test made, also when it fails).
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 /// The link `/run/msharefs/by-dev/MAJOR:MINOR` of `mnt`'s mount, and where it leads.
 fn by_dev_link(mnt: &Path) -> (PathBuf, Option<PathBuf>) {
     let dev = std::fs::metadata(mnt).expect("stat mount").dev();
@@ -648,11 +657,12 @@ fn traced_attach(path: &Path, trace: &Path) -> (serde_json::Value, String) {
 }
 
 /// A probe report of a hugetlb region of 1 GiB attached with its page table shared: every
-/// page touched, at most 2 faults (the shared table's and one more, as elsewhere).
+/// page touched, with a handful of faults (the shared table's, and under strace a few of
+/// the probe's own pages) where a table of its own would take 512.
 fn assert_attached(v: &serde_json::Value, what: &str) {
     assert_eq!(v["touched"], 512, "{what}: {v}");
     assert!(
-        v["touch_minor_faults"].as_u64().is_some_and(|f| f <= 2),
+        v["touch_minor_faults"].as_u64().is_some_and(|f| f <= 8),
         "{what}: page table not shared: {v}"
     );
 }
@@ -673,7 +683,7 @@ fn clients_find_the_daemon_by_device_number_and_fall_back_when_the_link_misleads
     {
         return;
     }
-    let _pool = PoolGuard::new();
+    let pool = PoolGuard::new();
     let fs = Msharefs::mount("bydev", &["--backing", "hugetlb"]);
     let other = Msharefs::mount("bydev-other", &["--backing", "hugetlb"]);
     // A whole GiB: its page table is shared, so a touch takes one fault.
@@ -744,6 +754,20 @@ fn clients_find_the_daemon_by_device_number_and_fall_back_when_the_link_misleads
         );
     }
     assert!(std::fs::read_link(&link).is_err(), "link left");
+
+    // A link left by a dead daemon whose device number went to a hugetlbfs mount: a file
+    // there is still used directly, as without the link.
+    let _page = pool.grow(1).expect("one huge page");
+    let direct_dir = HugetlbfsDir::new("bydev-direct").expect("hugetlbfs");
+    let direct = direct_dir.file("direct");
+    let fd = kernel_glue::fd::open(&direct, libc::O_RDWR | libc::O_CREAT, 0o600).expect("create");
+    kernel_glue::fd::fallocate(&fd, 0, 2 << 20).expect("fallocate");
+    drop(fd);
+    let (direct_link, _) = by_dev_link(direct_dir.path());
+    let _undo = RemoveOnDrop(direct_link.clone());
+    std::os::unix::fs::symlink(&dead, &direct_link).expect("link");
+    let (v, _) = traced_attach(&direct, &trace);
+    assert_eq!(v["touched"], 1, "hugetlbfs file behind a stale link: {v}");
 
     // A daemon killed with -9 leaves its link; the next daemon of the same state
     // directory removes it (its mount has a new device number) and links its own, and

@@ -266,9 +266,22 @@ pub fn readable(fd: impl AsFd) -> io::Result<bool> {
 /// # Errors
 /// The kernel's errno (`EINTR` is retried with the time left).
 pub fn readable_within(fd: impl AsFd, timeout: Duration) -> io::Result<bool> {
+    ready_within(fd.as_fd(), libc::POLLIN, timeout)
+}
+
+/// Whether `fd` can be written to (or has an error or hang-up to report) within
+/// `timeout` (`poll(2)` for `POLLOUT`).
+///
+/// # Errors
+/// The kernel's errno.
+pub fn writable_within(fd: impl AsFd, timeout: Duration) -> io::Result<bool> {
+    ready_within(fd.as_fd(), libc::POLLOUT, timeout)
+}
+
+fn ready_within(fd: BorrowedFd<'_>, events: libc::c_short, timeout: Duration) -> io::Result<bool> {
     let mut p = libc::pollfd {
-        fd: fd.as_fd().as_raw_fd(),
-        events: libc::POLLIN,
+        fd: fd.as_raw_fd(),
+        events,
         revents: 0,
     };
     let deadline = std::time::Instant::now() + timeout;
@@ -280,7 +293,7 @@ pub fn readable_within(fd: impl AsFd, timeout: Duration) -> io::Result<bool> {
             Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
             Err(e) => return Err(e),
             Ok(0) => return Ok(false),
-            Ok(_) => return Ok(p.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0),
+            Ok(_) => return Ok(p.revents & (events | libc::POLLHUP | libc::POLLERR) != 0),
         }
     }
 }

@@ -373,16 +373,17 @@ pub fn path_dev(path: &CStr) -> io::Result<u64> {
     Ok(unsafe { st.assume_init() }.st_dev)
 }
 
-/// Whether `path` (following symbolic links) is a socket; `false` when it cannot be
-/// reached.
-pub fn is_socket(path: &CStr) -> bool {
+/// Whether `path` (following symbolic links) is a socket owned by root; `false` when it
+/// cannot be reached.
+pub fn is_root_socket(path: &CStr) -> bool {
     let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
     // SAFETY: `path` is NUL-terminated; stat writes one struct stat into our buffer.
     if unsafe { libc::stat(path.as_ptr(), st.as_mut_ptr()) } < 0 {
         return false;
     }
     // SAFETY: stat succeeded, so it filled `st`.
-    unsafe { st.assume_init() }.st_mode & libc::S_IFMT == libc::S_IFSOCK
+    let st = unsafe { st.assume_init() };
+    st.st_mode & libc::S_IFMT == libc::S_IFSOCK && st.st_uid == 0
 }
 
 /// Whether `fd` has the extended attribute `name` (`fgetxattr(2)` with no buffer).

@@ -28,9 +28,63 @@ pub fn send_with_fd(sock: impl AsFd, data: &[u8], fd: Option<impl AsFd>) -> io::
         return Err(crate::errno(libc::EINVAL));
     }
     match fd.as_ref() {
-        Some(fd) => send_fds(sock.as_fd(), None, data, &[fd.as_fd()]),
-        None => send_fds(sock.as_fd(), None, data, &[]),
+        Some(fd) => send_fds(sock.as_fd(), None, data, &[fd.as_fd()], 0),
+        None => send_fds(sock.as_fd(), None, data, &[], 0),
     }
+}
+
+/// [`send_with_fd`] that never waits (`MSG_DONTWAIT`): `EAGAIN` when the message does not
+/// fit the peer's buffer now. For a daemon answering on a socket its client also holds,
+/// whose `O_NONBLOCK` or send timeout the client could change at any moment.
+///
+/// # Errors
+/// As [`send_with_fd`]; `EAGAIN`.
+pub fn send_with_fd_now(sock: impl AsFd, data: &[u8], fd: Option<impl AsFd>) -> io::Result<()> {
+    if data.is_empty() {
+        return Err(crate::errno(libc::EINVAL));
+    }
+    match fd.as_ref() {
+        Some(fd) => send_fds(sock.as_fd(), None, data, &[fd.as_fd()], libc::MSG_DONTWAIT),
+        None => send_fds(sock.as_fd(), None, data, &[], libc::MSG_DONTWAIT),
+    }
+}
+
+/// Writes all of `data` to the connected stream socket `sock` by `deadline`, never
+/// blocking in the send itself (`MSG_DONTWAIT`, then `poll` for room): a peer that reads
+/// nothing costs the caller at most the time until `deadline`, whatever it does to the
+/// socket's flags or timeouts.
+///
+/// # Errors
+/// `ETIMEDOUT` past `deadline`; the kernel's errno.
+pub fn send_all_by(
+    sock: impl AsFd,
+    mut data: &[u8],
+    deadline: std::time::Instant,
+) -> io::Result<()> {
+    let sock = sock.as_fd();
+    while !data.is_empty() {
+        // SAFETY: `data` is valid for reads of its length during the call.
+        let n = unsafe {
+            libc::send(
+                sock.as_raw_fd(),
+                data.as_ptr() as *const libc::c_void,
+                data.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        match check_retval(n) {
+            Ok(n) => data = &data[n as usize..],
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() || !crate::fd::writable_within(sock, left)? {
+                    return Err(crate::errno(libc::ETIMEDOUT));
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Sends `data` as one datagram from the datagram socket `sock` to the socket bound at
@@ -46,7 +100,7 @@ pub fn send_to_with_fds(
     data: &[u8],
     fds: &[BorrowedFd<'_>],
 ) -> io::Result<()> {
-    send_fds(sock.as_fd(), Some(to), data, fds)
+    send_fds(sock.as_fd(), Some(to), data, fds, 0)
 }
 
 fn send_fds(
@@ -54,6 +108,7 @@ fn send_fds(
     to: Option<&Path>,
     data: &[u8],
     fds: &[BorrowedFd<'_>],
+    flags: libc::c_int,
 ) -> io::Result<()> {
     if fds.len() > MAX_FDS {
         return Err(crate::errno(libc::EINVAL));
@@ -84,10 +139,12 @@ fn send_fds(
         msg.msg_namelen = mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
     }
     if !fds.is_empty() {
-        let bytes = mem::size_of_val(fds) as u32;
+        let bytes = (fds.len() * mem::size_of::<libc::c_int>()) as u32;
         // SAFETY: CMSG_SPACE is a pure size computation.
         let space = unsafe { libc::CMSG_SPACE(bytes) } as usize;
-        debug_assert!(space <= mem::size_of_val(&cbuf));
+        if space > mem::size_of_val(&cbuf) {
+            return Err(crate::errno(libc::EINVAL));
+        }
         msg.msg_control = cbuf.as_mut_ptr() as *mut libc::c_void;
         msg.msg_controllen = space;
         // SAFETY: msg_control points to `space` zeroed, aligned bytes (at most the 48 of
@@ -107,7 +164,7 @@ fn send_fds(
     loop {
         // SAFETY: msg points to a valid address, iov and control buffer that outlive the
         // call.
-        let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+        let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL | flags) };
         match check_retval(n) {
             Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
             Err(e) => return Err(e),
@@ -146,9 +203,17 @@ pub fn recv_fds(
         iov_base: buf.as_mut_ptr() as *mut libc::c_void,
         iov_len: buf.len(),
     };
-    // Room for credentials and some descriptors more than anyone should send: those that
-    // do not fit are closed by the kernel (MSG_CTRUNC).
-    let mut cbuf = [0u64; 32];
+    // Room for credentials (which come first) and MAX_FDS descriptors: the kernel closes
+    // any a sender added beyond those (MSG_CTRUNC) without installing them here.
+    let mut cbuf = [0u64; 8];
+    debug_assert!(
+        // SAFETY: CMSG_SPACE is a pure size computation.
+        unsafe {
+            libc::CMSG_SPACE(mem::size_of::<libc::ucred>() as u32)
+                + libc::CMSG_SPACE((MAX_FDS * mem::size_of::<libc::c_int>()) as u32)
+        } as usize
+            <= mem::size_of_val(&cbuf)
+    );
     // SAFETY: zero is a valid msghdr.
     let mut msg: libc::msghdr = unsafe { mem::zeroed() };
     msg.msg_iov = &mut iov;

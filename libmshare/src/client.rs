@@ -103,8 +103,8 @@ pub fn socket_path(info: &MshareRegionInfo) -> io::Result<&Path> {
 
 /// The attach socket of the daemon of the msharefs mount whose device number is `dev`,
 /// as that daemon linked it in [`uapi::BY_DEV_DIR`]: found with one `stat`, without
-/// asking the daemon. `None` when there is no such link to a socket (not an msharefs
-/// mount, or a daemon that could not write there). A hint only (see
+/// asking the daemon. `None` when there is no such link to a socket owned by root (not an
+/// msharefs mount, or a daemon that could not write there). A hint only (see
 /// [`uapi::BY_DEV_DIR`]): when a request to it fails, ask `GET_INFO`.
 pub fn socket_by_dev(dev: u64) -> Option<ByDev> {
     let (major, minor) = kfd::major_minor(dev);
@@ -115,7 +115,10 @@ pub fn socket_by_dev(dev: u64) -> Option<ByDev> {
         .and_then(|()| p.push(b":"))
         .and_then(|()| p.push_u64(u64::from(minor)))
         .ok()?;
-    shim_sys::is_socket(p.as_cstr()).then_some(ByDev(p))
+    // Root's daemons bind their sockets as root: a socket of anyone else at the end of a
+    // link (one left by a dead daemon, into a directory others may write) never gets a
+    // region descriptor.
+    shim_sys::is_root_socket(p.as_cstr()).then_some(ByDev(p))
 }
 
 /// A path in [`uapi::BY_DEV_DIR`], from [`socket_by_dev`].

@@ -248,9 +248,22 @@ impl Region {
     /// unasked, with the size `fstat` reported and the `Default` backing.
     fn asked(&self) -> std::sync::RwLockReadGuard<'_, Open> {
         if matches!(self.read().kind, Kind::Unasked { .. }) {
-            let info = self.with_open(|open| client::info(open.fd.as_fd()));
-            if let Ok(info) = info {
-                let _ = self.write().learn(info);
+            match self.with_open(|open| client::info(open.fd.as_fd())) {
+                Ok(info) => {
+                    let _ = self.write().learn(info);
+                }
+                // Not msharefs after all (the link was left by a daemon that died, and its
+                // device number went to another mount): what `open` would have found.
+                Err(e) if e.raw_os_error() == Some(ENODEV) => {
+                    let mut open = self.write();
+                    if kfd::fstatfs(&open.fd)
+                        .is_ok_and(|s| s.fs_type == kernel_glue::HUGETLBFS_MAGIC)
+                    {
+                        open.kind = Kind::Direct;
+                        open.backing = Backing::Hugetlb;
+                    }
+                }
+                Err(_) => {}
             }
         }
         self.read()
@@ -372,6 +385,8 @@ impl Region {
             };
             let (mapping, guard) = match &open.kind {
                 Kind::Msharefs { info } => attach(info)?,
+                // `asked` could not learn the info (a daemon still down): ask again,
+                // which fails with the reason.
                 Kind::Unasked { .. } => attach(&client::info(open.fd.as_fd())?)?,
                 Kind::Direct => (
                     Mapping::map_aligned(&open.fd, open.size, prot, uapi::MSHARE_GRANULE)?,

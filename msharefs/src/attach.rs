@@ -22,7 +22,7 @@
 //!
 //! Root may also ask for the statistics report (`msharefs stat`).
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::{UnixDatagram, UnixStream};
 use std::path::Path;
@@ -43,6 +43,7 @@ use crate::fs::{Core, FsResult, errno_of};
 pub const STAT_REQUEST: u8 = b's';
 
 /// How long writing the statistics report may wait for a client that does not read it.
+/// (Every other reply is small and sent without waiting at all.)
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Pause after a failed `recvmsg`, so the loop does not spin.
@@ -114,11 +115,11 @@ fn worker(pool: &Arc<Pool>) {
             }
         }
         match got {
-            Ok((n, Some(cred))) => {
+            Ok((n, Some(sender))) => {
                 let [reply, fd] = fds;
-                match reply.and_then(|r| reply_socket(r, cred)) {
-                    Some(reply) => handle(&pool.core, &req[..n], reply, fd, cred),
-                    None => log::debug!("attach socket: request without a reply socket"),
+                match reply.and_then(|r| reply_socket(r, sender)) {
+                    Some((reply, client)) => handle(&pool.core, &req[..n], reply, fd, client),
+                    None => log::debug!("attach socket: request without a usable reply socket"),
                 }
             }
             Ok((_, None)) => log::warn!("attach socket: request without credentials"),
@@ -136,22 +137,22 @@ fn worker(pool: &Arc<Pool>) {
     }
 }
 
-/// The passed reply socket, if its peer is the sender itself (a socket pair the sender
-/// made): never a connection to another program, which would get the daemon's words.
-fn reply_socket(fd: OwnedFd, sender: PeerCred) -> Option<UnixStream> {
+/// The passed reply socket and the client's credentials, if the socket's peer is the
+/// sender itself (a socket pair the sender made): never a connection to another program,
+/// which would get the daemon's words. A sender the kernel shows as pid 0 (outside the
+/// daemon's pid namespace) is refused: sockets without peer credentials show pid 0 too.
+///
+/// The credentials are the peer's (`SO_PEERCRED`: the effective uid and gid of the sender
+/// when it made the pair), as a connected socket's were; the message's own
+/// (`SCM_CREDENTIALS`) carry the real ones.
+fn reply_socket(fd: OwnedFd, sender: PeerCred) -> Option<(UnixStream, PeerCred)> {
     let peer = socket::peer_cred(&fd).ok()?;
-    (peer.pid == sender.pid).then(|| UnixStream::from(fd))
+    (sender.pid != 0 && peer.pid == sender.pid).then(|| (UnixStream::from(fd), peer))
 }
 
 fn handle(core: &Core, req: &[u8], reply_to: UnixStream, fd: Option<OwnedFd>, cred: PeerCred) {
     if req == [STAT_REQUEST] {
         return stat_reply(core, reply_to, cred);
-    }
-    // The replies below are small: one that does not fit the client's socket (it sent
-    // the same one many times and reads none) is dropped rather than waited for.
-    if let Err(e) = reply_to.set_nonblocking(true) {
-        log::debug!("attach socket reply: {e}");
-        return;
     }
     if !req.is_empty() && is_shm_request(req[0]) {
         let result = crate::shm::handle(core, req, fd, cred);
@@ -187,7 +188,9 @@ fn is_shm_request(b: u8) -> bool {
 }
 
 /// Sends a failure's errno, or a success's [`uapi::AttachReply`] (with the info of the
-/// region the request was about, if any) and the descriptor it yields.
+/// region the request was about, if any) and the descriptor it yields. Without waiting: a
+/// reply that does not fit the client's socket now (it sent the same one many times and
+/// reads none) is dropped.
 fn reply(core: &Core, stream: &UnixStream, result: FsResult<(Option<OwnedFd>, Option<u64>)>) {
     let sent = match result {
         Ok((fd, region)) => {
@@ -195,9 +198,9 @@ fn reply(core: &Core, stream: &UnixStream, result: FsResult<(Option<OwnedFd>, Op
             if let Some(ino) = region {
                 r.info = core.region_info(ino).unwrap_or_default();
             }
-            socket::send_with_fd(stream, r.as_bytes(), fd.as_ref())
+            socket::send_with_fd_now(stream, r.as_bytes(), fd.as_ref())
         }
-        Err(e) => socket::send_with_fd(stream, &e.to_ne_bytes(), None::<&OwnedFd>),
+        Err(e) => socket::send_with_fd_now(stream, &e.to_ne_bytes(), None::<&OwnedFd>),
     };
     if let Err(e) = sent {
         log::debug!("attach socket reply: {e}");
@@ -222,15 +225,14 @@ fn attach(core: &Core, cred: PeerCred, fd: &OwnedFd, prot: Protection) -> FsResu
         .map(|backing| (backing, st.ino))
 }
 
-fn stat_reply(core: &Core, mut reply_to: UnixStream, cred: PeerCred) {
+fn stat_reply(core: &Core, reply_to: UnixStream, cred: PeerCred) {
     let body = if cred.uid == 0 {
         serde_json::to_vec(&crate::stats::report(core)).unwrap_or_default()
     } else {
         br#"{"error":"permission denied: msharefs stat needs root"}"#.to_vec()
     };
     // A client that does not read its report holds this thread no longer than this.
-    let _ = reply_to.set_write_timeout(Some(CLIENT_TIMEOUT));
-    let _ = reply_to.write_all(&body);
+    let _ = socket::send_all_by(&reply_to, &body, std::time::Instant::now() + CLIENT_TIMEOUT);
 }
 
 /// Client side of the statistics request (used by `msharefs stat`).

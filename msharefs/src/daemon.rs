@@ -286,6 +286,17 @@ fn run_daemon(mnt: &Path, opts: &MountOpts, tell_parent: bool) -> std::io::Resul
     // The session threads answer now, so stat of our own root cannot deadlock.
     let dev = kfd::stat(mnt).map_err(|e| at(mnt, e))?.dev;
     let _ = core.fuse_dev.set(dev);
+    let _ = core.mountpoint.set(mnt.to_path_buf());
+    let _ = core.notifier.set(bg.notifier());
+    crate::hardening::drop_capabilities();
+    std::fs::write(state.pid_file(), format!("{}\n", std::process::id()))
+        .map_err(|e| at(&state.pid_file(), e))?;
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGHUP,
+    ])?;
+    // Last before ready: from here on the daemon reaches its end, which removes the link.
     if let Err(e) = paths::link_by_dev(dev, &socket) {
         // Clients then ask GET_INFO for the socket: one round trip more per attach.
         log::warn!(
@@ -293,11 +304,6 @@ fn run_daemon(mnt: &Path, opts: &MountOpts, tell_parent: bool) -> std::io::Resul
             mshare_uapi::BY_DEV_DIR
         );
     }
-    let _ = core.mountpoint.set(mnt.to_path_buf());
-    let _ = core.notifier.set(bg.notifier());
-    crate::hardening::drop_capabilities();
-    std::fs::write(state.pid_file(), format!("{}\n", std::process::id()))
-        .map_err(|e| at(&state.pid_file(), e))?;
     log::info!(
         "mounted {} (state {}, default backing {}, passthrough {})",
         mnt.display(),
@@ -320,11 +326,6 @@ fn run_daemon(mnt: &Path, opts: &MountOpts, tell_parent: bool) -> std::io::Resul
         state.dir.display()
     ));
 
-    let mut signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGTERM,
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGHUP,
-    ])?;
     // Ended by a signal (`msharefs umount`, systemd's stop) or by the kernel: `umount DIR`
     // (umount(8)) removes the mount and ends the connection, and the session returns.
     let by_kernel = loop {

@@ -294,9 +294,22 @@ pub fn by_dev_entry(dev: u64) -> PathBuf {
 /// # Errors
 /// Creating the directory or the link.
 pub fn link_by_dev(dev: u64, socket: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    let dir = Path::new(mshare_uapi::BY_DEV_DIR);
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(dir)?;
+    // Clients trust these links: only a directory of root's that no one else may write.
+    let meta = std::fs::symlink_metadata(dir)?;
+    if !meta.is_dir() || meta.uid() != 0 || meta.mode() & 0o022 != 0 {
+        return Err(std::io::Error::other(format!(
+            "{} is not a directory only root may write",
+            dir.display()
+        )));
+    }
     unlink_by_dev(socket);
     let entry = by_dev_entry(dev);
-    std::fs::create_dir_all(mshare_uapi::BY_DEV_DIR)?;
     // A link of a daemon that died, whose device number this mount has now.
     let _ = std::fs::remove_file(&entry);
     std::os::unix::fs::symlink(socket, entry)
@@ -304,7 +317,15 @@ pub fn link_by_dev(dev: u64, socket: &Path) -> std::io::Result<()> {
 
 /// Removes every link to `socket` from [`mshare_uapi::BY_DEV_DIR`], and nothing else.
 pub fn unlink_by_dev(socket: &Path) {
-    let Ok(dir) = std::fs::read_dir(mshare_uapi::BY_DEV_DIR) else {
+    use std::os::unix::fs::MetadataExt;
+    let dir = Path::new(mshare_uapi::BY_DEV_DIR);
+    // Not in a directory someone else could change under us.
+    if !std::fs::symlink_metadata(dir)
+        .is_ok_and(|m| m.is_dir() && m.uid() == 0 && m.mode() & 0o022 == 0)
+    {
+        return;
+    }
+    let Ok(dir) = std::fs::read_dir(dir) else {
         return;
     };
     for e in dir.flatten() {
