@@ -9,7 +9,9 @@
 //! - at start: `{"id", "ok": true, "ns", "open_ns", "map_ns", "touch_ns", "faults",
 //!   "touched", "addr", "page_size", "pmd_mapped", "vm_pte_delta", "start_unix_ns",
 //!   "done_unix_ns"}`: `ns` from just before open/attach to just after the last touch
-//!   (split into its three steps), `faults` the minor faults of the touch loop alone
+//!   (split into its three steps; what the attach opened is closed after that, as the
+//!   `limit` attacher keeps its backing open), `faults` the minor faults of the touch loop
+//!   alone
 //!   (`getrusage`), the two wall-clock stamps (`CLOCK_REALTIME`, comparable between
 //!   processes) of the same two moments;
 //! - `sweep N` → `{"id", "ok": true, "sweep_gbps", "checksum"}`: the best of N read+write
@@ -139,34 +141,44 @@ fn get_ready(args: &AttacherArgs) -> io::Result<Ready> {
     Ok(Ready { backing })
 }
 
-/// Opens and maps; returns what is held and the time the open took (the rest is the map).
-fn attach(args: &AttacherArgs, ready: &Ready, started: Instant) -> io::Result<(Held, u64)> {
+/// What an attach opened: closed once the clock has stopped, as the `limit` attacher
+/// keeps its backing open throughout. (Closing is not part of an attach, and closing an
+/// msharefs file wakes the daemon, `RELEASE`, while the touch runs.)
+enum Opened {
+    Nothing,
+    File(#[allow(dead_code)] OwnedFd),
+    Region(#[allow(dead_code)] Region),
+}
+
+/// Opens and maps; returns what is held, the time the open took (the rest is the map), and
+/// what was opened.
+fn attach(args: &AttacherArgs, ready: &Ready, started: Instant) -> io::Result<(Held, u64, Opened)> {
     let opened = |t: Instant| t.duration_since(started).as_nanos() as u64;
     Ok(match args.kind {
-        AttachKind::Control => (Held::Nothing, 0),
+        AttachKind::Control => (Held::Nothing, 0, Opened::Nothing),
         AttachKind::Mmap => {
             let path = args.path.as_ref().ok_or_else(missing_path)?;
             let fd = kfd::open(path, consts::O_RDWR, 0)?;
             let open_ns = opened(Instant::now());
-            (mem::map_shared(&fd, args.size)?, open_ns)
+            let held = mem::map_shared(&fd, args.size)?;
+            (held, open_ns, Opened::File(fd))
         }
         AttachKind::Libmshare => {
             let path = args.path.as_ref().ok_or_else(missing_path)?;
             let region = Region::open(path, consts::O_RDWR)?;
             let open_ns = opened(Instant::now());
-            (
-                mem::attachment(region.attach(Protection::ReadWrite)?)?,
-                open_ns,
-            )
+            let held = mem::attachment(region.attach(Protection::ReadWrite)?)?;
+            (held, open_ns, Opened::Region(region))
         }
         AttachKind::Limit => {
             let backing = ready.backing.as_ref().ok_or_else(missing_path)?;
             (
                 mem::map_aligned(backing, args.size, kernel_glue::PUD_SIZE)?,
                 0,
+                Opened::Nothing,
             )
         }
-        AttachKind::AnonHugetlb => (mem::map_anonymous_hugetlb(args.size)?, 0),
+        AttachKind::AnonHugetlb => (mem::map_anonymous_hugetlb(args.size)?, 0, Opened::Nothing),
     })
 }
 
@@ -177,7 +189,7 @@ fn attach_and_touch(args: &AttacherArgs, ready: &Ready) -> io::Result<(Held, Val
     let pte0 = procfs::vm_pte(me)?;
     let start_unix_ns = unix_ns();
     let started = Instant::now();
-    let (held, open_ns) = attach(args, ready, started)?;
+    let (held, open_ns, opened) = attach(args, ready, started)?;
     let mapped_ns = started.elapsed().as_nanos() as u64;
     let before = procfs::faults()?;
     let touched = if args.populate {
@@ -189,6 +201,7 @@ fn attach_and_touch(args: &AttacherArgs, ready: &Ready) -> io::Result<(Held, Val
     let after = procfs::faults()?;
     let ns = started.elapsed().as_nanos() as u64;
     let done_unix_ns = unix_ns();
+    drop(opened);
     let pte1 = procfs::vm_pte(me)?;
     let (addr, page_size, pmd_mapped) = if held.is_mapped() {
         (

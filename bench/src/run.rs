@@ -19,6 +19,10 @@
 //!   touch; the rest build the same page tables with `MADV_POPULATE_WRITE` (4x faster for
 //!   4 KiB pages), so that 512 attachers of 8 GiB fit in minutes, and count for page
 //!   tables only;
+//! - **attach+touch against `limit` in pairs** (msharefs-hugetlb, when `limit` runs too):
+//!   [`PAIRS`] pairs of a libmshare attacher and a `limit` attacher on msharefs-hugetlb's
+//!   own region, one right after the other, the order alternating; the ratio of the two
+//!   medians judges the 2x target, since both halves of a pair see the same machine;
 //! - **bandwidth ratio**: the best of S read+write sweeps of the whole region in one
 //!   attacher over the best of S sweeps of an anonymous `MAP_HUGETLB` mapping of the same
 //!   size in another process, the two alternating sweep by sweep.
@@ -397,6 +401,10 @@ pub fn settled_page_tables() -> Result<PtSample, BenchError> {
 /// round is the median over its windows, so a window in which another process on the
 /// machine changed its page tables does not count.
 const WINDOWS: usize = 5;
+
+/// Pairs of attach+touch samples, msharefs-hugetlb against `limit` on the same region
+/// ([`paired_with_limit`]).
+const PAIRS: usize = 48;
 
 /// Re-attaching all attachers of a round is cheap when starting them took less than this.
 const CHEAP_ROUND: Duration = Duration::from_secs(10);
@@ -789,6 +797,12 @@ fn run_config(
             break;
         }
     }
+    // Against the floor in pairs, on this region, while it is set up.
+    let paired = if config == Config::MsharefsHugetlb && opts.configs.contains(&Config::Limit) {
+        Some(paired_with_limit(&spec, fleet, p)?)
+    } else {
+        None
+    };
     if config == Config::Thp {
         let f = median(&s.huge_fraction);
         if f < 0.9 {
@@ -850,7 +864,54 @@ fn run_config(
         samples: s.attach_ms.len(),
         bandwidth_gbps: bandwidth,
         reference_gbps: reference,
+        paired_attach_touch_ms_median: paired.as_ref().map(|(ours, _)| median(ours)),
+        paired_limit_ms_median: paired.as_ref().map(|(_, floor)| median(floor)),
+        paired_samples: paired.as_ref().map_or(0, |(ours, _)| ours.len()),
     })
+}
+
+/// Attach+touch of msharefs-hugetlb against `limit` in [`PAIRS`] pairs on the region
+/// `spec` names: a libmshare attacher and a `limit` attacher (which holds this region's
+/// backing before its clock starts), one right after the other, each alone, the order
+/// alternating from pair to pair. Both halves of a pair see the same machine, which the
+/// two configurations' phases of a run do not: on a noisy VM the floor moves by a factor
+/// of two between phases. Returns both series (ms).
+fn paired_with_limit(
+    spec: &Spec,
+    fleet: &mut Fleet,
+    p: &mut Progress,
+) -> Result<(Vec<f64>, Vec<f64>), BenchError> {
+    let floor_spec = Spec {
+        kind: AttachKind::Limit,
+        ..spec.clone()
+    };
+    let (mut ours, mut floor) = (Vec::new(), Vec::new());
+    for i in 0..PAIRS {
+        let order = if i % 2 == 0 {
+            [spec, &floor_spec]
+        } else {
+            [&floor_spec, spec]
+        };
+        for sp in order {
+            let mut a = fleet.spawn(sp)?;
+            let v = fleet.report(&mut a, report_limit(sp.size))?;
+            fleet.release(vec![a], Duration::from_secs(30))?;
+            let ms = v["ns"].as_f64().unwrap_or(0.0) / 1e6;
+            if sp.kind == AttachKind::Limit {
+                floor.push(ms);
+            } else {
+                ours.push(ms);
+            }
+        }
+    }
+    p.line(format!(
+        "msharefs-hugetlb against limit in {PAIRS} pairs on the same region: attach+touch \
+         median {:.3} ms vs {:.3} ms ({:.2}x)",
+        median(&ours),
+        median(&floor),
+        median(&ours) / median(&floor).max(1e-9)
+    ));
+    Ok((ours, floor))
 }
 
 fn bench(
