@@ -12,7 +12,7 @@
  * same steps from Python, warm or fresh), this shows where a fresh process waits for the
  * daemon: a step is long when the daemon's thread runs in its place (the request is
  * served inside the client's sendmsg when the daemon's thread preempts it). Numbers in
- * docs/BENCHMARKS.md ("Where a fresh attacher waits"). Root is not needed, only read-write
+ * docs/BENCHMARKS.md ("Where a fresh attacher waits", "One request per attach"). Root is not needed, only read-write
  * access to the region. */
 #define _GNU_SOURCE
 #include <fcntl.h>
