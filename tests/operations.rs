@@ -344,10 +344,22 @@ fn purge_removes_only_what_msharefs_created() {
 
 /// Receives one datagram, or `None` after `limit`.
 fn recv(sock: &UnixDatagram, limit: Duration) -> Option<String> {
-    sock.set_read_timeout(Some(limit)).expect("timeout");
+    let deadline = Instant::now() + limit;
     let mut buf = [0u8; 4096];
-    let n = sock.recv(&mut buf).ok()?;
-    Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+    loop {
+        // A signal to this process (another test's child exiting) may interrupt the wait:
+        // wait again, for the time left.
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return None;
+        }
+        sock.set_read_timeout(Some(left)).expect("timeout");
+        match sock.recv(&mut buf) {
+            Ok(n) => return Some(String::from_utf8_lossy(&buf[..n]).into_owned()),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return None,
+        }
+    }
 }
 
 #[test]
