@@ -364,26 +364,24 @@ pub fn is_cloexec(fd: BorrowedFd<'_>) -> io::Result<bool> {
 /// # Errors
 /// The kernel's errno.
 pub fn path_dev(path: &CStr) -> io::Result<u64> {
+    stat(path).map(|st| st.st_dev)
+}
+
+/// `stat(2)` of `path`, following symbolic links. Allocation-free.
+fn stat(path: &CStr) -> io::Result<libc::stat> {
     let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
     // SAFETY: `path` is NUL-terminated; stat writes one struct stat into our buffer.
     if unsafe { libc::stat(path.as_ptr(), st.as_mut_ptr()) } < 0 {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: stat succeeded, so it filled `st`.
-    Ok(unsafe { st.assume_init() }.st_dev)
+    Ok(unsafe { st.assume_init() })
 }
 
 /// Whether `path` (following symbolic links) is a socket owned by root; `false` when it
 /// cannot be reached.
 pub fn is_root_socket(path: &CStr) -> bool {
-    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
-    // SAFETY: `path` is NUL-terminated; stat writes one struct stat into our buffer.
-    if unsafe { libc::stat(path.as_ptr(), st.as_mut_ptr()) } < 0 {
-        return false;
-    }
-    // SAFETY: stat succeeded, so it filled `st`.
-    let st = unsafe { st.assume_init() };
-    st.st_mode & libc::S_IFMT == libc::S_IFSOCK && st.st_uid == 0
+    stat(path).is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFSOCK && st.st_uid == 0)
 }
 
 /// Whether `fd` has the extended attribute `name` (`fgetxattr(2)` with no buffer).

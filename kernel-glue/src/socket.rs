@@ -24,13 +24,7 @@ pub const MAX_FDS: usize = 4;
 /// # Errors
 /// `EINVAL` for empty data; the kernel's errno (`EPIPE`, ...); `EIO` for a short send.
 pub fn send_with_fd(sock: impl AsFd, data: &[u8], fd: Option<impl AsFd>) -> io::Result<()> {
-    if data.is_empty() {
-        return Err(crate::errno(libc::EINVAL));
-    }
-    match fd.as_ref() {
-        Some(fd) => send_fds(sock.as_fd(), None, data, &[fd.as_fd()], 0),
-        None => send_fds(sock.as_fd(), None, data, &[], 0),
-    }
+    send_one(sock.as_fd(), data, fd.as_ref().map(AsFd::as_fd), 0)
 }
 
 /// [`send_with_fd`] that never waits (`MSG_DONTWAIT`): `EAGAIN` when the message does not
@@ -40,12 +34,23 @@ pub fn send_with_fd(sock: impl AsFd, data: &[u8], fd: Option<impl AsFd>) -> io::
 /// # Errors
 /// As [`send_with_fd`]; `EAGAIN`.
 pub fn send_with_fd_now(sock: impl AsFd, data: &[u8], fd: Option<impl AsFd>) -> io::Result<()> {
+    let fd = fd.as_ref().map(AsFd::as_fd);
+    send_one(sock.as_fd(), data, fd, libc::MSG_DONTWAIT)
+}
+
+/// [`send_with_fd`] with the `sendmsg` flags `flags` added.
+fn send_one(
+    sock: BorrowedFd<'_>,
+    data: &[u8],
+    fd: Option<BorrowedFd<'_>>,
+    flags: libc::c_int,
+) -> io::Result<()> {
     if data.is_empty() {
         return Err(crate::errno(libc::EINVAL));
     }
-    match fd.as_ref() {
-        Some(fd) => send_fds(sock.as_fd(), None, data, &[fd.as_fd()], libc::MSG_DONTWAIT),
-        None => send_fds(sock.as_fd(), None, data, &[], libc::MSG_DONTWAIT),
+    match fd {
+        Some(fd) => send_fds(sock, None, data, &[fd], flags),
+        None => send_fds(sock, None, data, &[], flags),
     }
 }
 

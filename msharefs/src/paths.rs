@@ -294,15 +294,14 @@ pub fn by_dev_entry(dev: u64) -> PathBuf {
 /// # Errors
 /// Creating the directory or the link.
 pub fn link_by_dev(dev: u64, socket: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    use std::os::unix::fs::DirBuilderExt;
     let dir = Path::new(mshare_uapi::BY_DEV_DIR);
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o755)
         .create(dir)?;
     // Clients trust these links: only a directory of root's that no one else may write.
-    let meta = std::fs::symlink_metadata(dir)?;
-    if !meta.is_dir() || meta.uid() != 0 || meta.mode() & 0o022 != 0 {
+    if !root_only_dir(dir) {
         return Err(std::io::Error::other(format!(
             "{} is not a directory only root may write",
             dir.display()
@@ -315,14 +314,18 @@ pub fn link_by_dev(dev: u64, socket: &Path) -> std::io::Result<()> {
     std::os::unix::fs::symlink(socket, entry)
 }
 
+/// Whether `dir` is a directory (not a link to one) of root's that no one else may write.
+fn root_only_dir(dir: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(dir)
+        .is_ok_and(|m| m.is_dir() && m.uid() == 0 && m.mode() & 0o022 == 0)
+}
+
 /// Removes every link to `socket` from [`mshare_uapi::BY_DEV_DIR`], and nothing else.
 pub fn unlink_by_dev(socket: &Path) {
-    use std::os::unix::fs::MetadataExt;
     let dir = Path::new(mshare_uapi::BY_DEV_DIR);
     // Not in a directory someone else could change under us.
-    if !std::fs::symlink_metadata(dir)
-        .is_ok_and(|m| m.is_dir() && m.uid() == 0 && m.mode() & 0o022 == 0)
-    {
+    if !root_only_dir(dir) {
         return;
     }
     let Ok(dir) = std::fs::read_dir(dir) else {
