@@ -388,6 +388,8 @@ fn foreground_daemon_tells_a_notify_socket_when_the_mount_is_live() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start the daemon");
+    // Whatever happens below: no daemon, mount or backing mount stays behind.
+    let _purge = PurgeOnDrop(&mnt);
     let ready = recv(&sock, Duration::from_secs(60));
     let stop = |d: &mut std::process::Child| {
         let _ = kernel_glue::process::kill(d.id(), kernel_glue::consts::SIGTERM);
@@ -630,6 +632,19 @@ fn umount8_stops_the_daemon_and_a_remount_waits_for_it() {
     let st = fs.stat();
     assert_eq!(st["regions"][0]["path"], "/r");
     assert_eq!(st["regions"][0]["size"], 8192);
+}
+
+/// Stops the daemon of the mount point and purges its state when dropped (`msharefs umount
+/// --purge`), also when the test fails; after a test that purged already it finds nothing.
+struct PurgeOnDrop<'a>(&'a Path);
+
+impl Drop for PurgeOnDrop<'_> {
+    fn drop(&mut self) {
+        let _ = Command::new(msharefs_bin())
+            .args(["umount", "--purge"])
+            .arg(self.0)
+            .output();
+    }
 }
 
 /// Removes a file when dropped (a link the test made, also when it fails).
